@@ -1,0 +1,94 @@
+"""Building blocks shared by the mixers: head projections, rotary embeddings, padding masks."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention.config import AttentionConfig
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotates feature pairs of x [B, T, H, D] by angles positions [T] (or [B, T]) * base^(-2i/D).
+
+  Uses the half-split pairing (i, i + D/2) of GPT-NeoX/LLaMA; D must be even.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got head_dim={d}")
+  inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
+  if angles.ndim == 2:
+    angles = angles[None]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class QKVProjection(nnx.Module):
+  """x [B, T, C] -> q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, D] (rotary applied if configured)."""
+
+  def __init__(self, config: AttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.num_heads = config.num_heads
+    self.num_kv_heads = config.kv_heads
+    self.head_dim = config.head_dim_for(width)
+    linear = lambda features: nnx.Linear(
+        width, features, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.query = linear(self.num_heads * self.head_dim)
+    self.key = linear(self.num_kv_heads * self.head_dim)
+    self.value = linear(self.num_kv_heads * self.head_dim)
+
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None):
+    b, t, _ = x.shape
+    q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.config.rotary:
+      positions = jnp.arange(t) if positions is None else positions
+      q = rotary_embedding(q, positions, self.config.rotary_base)
+      k = rotary_embedding(k, positions, self.config.rotary_base)
+    return q, k, v
+
+
+def output_projection(config: AttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  """[B, T, H * D] -> [B, T, C]."""
+  return nnx.Linear(
+      config.num_heads * config.head_dim_for(width), width, use_bias=config.use_bias,
+      dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+  )
+
+
+def check_padding_mask(mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
+  """Validates a padding mask: bool [B, T], True at real tokens. Returns it as bool (or None)."""
+  if mask is None:
+    return None
+  if mask.shape != x.shape[:2]:
+    raise ValueError(f"mask.shape={mask.shape} is not valid; expected [B, T]={x.shape[:2]} (True at real tokens)")
+  return mask.astype(bool)
+
+
+def repeat_groups(num_heads: int, num_kv_heads: int) -> int:
+  """Query heads per key/value head (GQA group size)."""
+  return num_heads // num_kv_heads
+
+
+def grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Scores q [B, T, H, D] . k [B, S, Hkv, D] -> [B, H, T, S] in fp32 without repeating K per group."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  return s.reshape(b, h, t, k.shape[1])
+
+
+def grouped_values(p: jax.Array, v: jax.Array) -> jax.Array:
+  """Mixes v [B, S, Hkv, D] by weights p [B, H, T, S] -> [B, T, H, D] (fp32 accumulation)."""
+  b, h, t, s = p.shape
+  hkv, d = v.shape[2], v.shape[3]
+  pg = p.reshape(b, hkv, h // hkv, t, s)
+  o = jnp.einsum("bkgts,bskd->btkgd", pg.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.reshape(b, t, h, d)

@@ -1,0 +1,28 @@
+"""Argument checks that fail early with a message naming the argument and what would be valid."""
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_positive(name: str, value: int | float) -> None:
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{name}={value!r} is not valid; it must be positive")
+
+
+def check_at_least(name: str, value: int | float, minimum: int | float) -> None:
+  if value < minimum:
+    raise ValueError(f"{name}={value!r} is not valid; it must be >= {minimum}")
+
+
+def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
+  if divisor < 1 or value % divisor:
+    raise ValueError(
+        f"{name}={value} is not valid; it must be divisible by {divisor_name}={divisor} "
+        f"(valid {divisor_name}: {[d for d in range(1, value + 1) if value % d == 0]})"
+    )

@@ -1,0 +1,71 @@
+"""Full softmax attention (MHA / GQA / MQA), causal or bidirectional, with a padding mask."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention.config import AttentionConfig
+from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.registry import register
+from efficient_attention.validation import check_choice
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FullAttentionConfig(AttentionConfig):
+  variant = "full"
+  # "xla": jnp softmax attention (the reference). "cudnn": cuDNN fused attention (NVIDIA GPUs).
+  # "pallas": the Pallas flash-attention kernel (kernels.flash_attention).
+  impl: str = "xla"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
+    if self.impl == "pallas":
+      raise ValueError(
+          "impl='pallas' needs the Pallas flash-attention kernel (kernels.flash_attention), which is not "
+          "built yet; choose impl='xla' or impl='cudnn'"
+      )
+
+
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    key_mask: jax.Array | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+  """q [B, T, H, D], k/v [B, S, Hkv, D], key_mask bool [B, S] -> [B, T, H, D].
+
+  GQA is handled by `jax.nn.dot_product_attention` without repeating K/V. Causal masking is aligned
+  to the end when T != S (the last query sees every key), as in decoding.
+  """
+  allowed = None if key_mask is None else key_mask[:, None, None, :]
+  if causal and q.shape[1] != k.shape[1]:
+    offset = k.shape[1] - q.shape[1]
+    causal_allowed = jnp.arange(k.shape[1])[None, :] <= jnp.arange(q.shape[1])[:, None] + offset
+    allowed = causal_allowed[None, None] if allowed is None else allowed & causal_allowed[None, None]
+    causal = False
+  return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal, implementation=impl)
+
+
+@register(FullAttentionConfig)
+class FullAttention(nnx.Module):
+  """Multi-head softmax attention: y = softmax(q k^T / sqrt(D)) v, projected back to the model width."""
+
+  def __init__(self, config: FullAttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    q, k, v = self.qkv(x)
+    y = softmax_attention(q, k, v, causal=self.config.causal, key_mask=mask, impl=self.config.impl)
+    return self.out(y.reshape(*x.shape[:2], -1))
