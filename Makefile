@@ -2,11 +2,12 @@
 # pyproject.toml changes), then run inside it.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+VARIANT ?= performer
 ARGS ?=
 
 .PHONY: train test setup
 train: $(VENV)/.installed
-	$(PYTHON) -m experiments.train --variant=performer $(ARGS)
+	$(PYTHON) -m experiments.train --variant=$(VARIANT) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -n 2 -q $(ARGS)

@@ -1,0 +1,1 @@
+from kernels.selective_scan import selective_scan, selective_scan_step
