@@ -76,12 +76,29 @@ def test_gqa_module_has_fewer_kv_parameters():
         (dict(num_heads=4, num_kv_heads=3), "num_heads=4 is not valid; it must be divisible by num_kv_heads=3"),
         (dict(num_heads=0), "num_heads"),
         (dict(impl="triton"), r"impl='triton' is not valid; choose one of 'xla', 'cudnn', 'pallas'"),
-        (dict(impl="pallas"), "flash-attention kernel"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     make_config("full", **kwargs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_variant_equals_xla(causal):
+  x = jax.random.normal(jax.random.key(0), (2, 21, 32))
+  mask = jnp.arange(21)[None, :] < jnp.array([[21], [15]])
+  xla = build_mixer(make_config("full", num_heads=4, num_kv_heads=2, causal=causal), 32, rngs=nnx.Rngs(0))
+  flash = build_mixer(make_config("flash", num_heads=4, num_kv_heads=2, causal=causal), 32, rngs=nnx.Rngs(0))
+  real = jnp.broadcast_to(mask[..., None], (2, 21, 32))
+  assert_close(jnp.where(real, flash(x, mask=mask), 0), jnp.where(real, xla(x, mask=mask), 0), 1e-5)
+
+
+def test_flash_with_a_hole_in_the_mask_is_loud_not_wrong():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  mask = jnp.array([[True] * 8, [True, False] + [True] * 6])
+  flash = build_mixer(make_config("flash", num_heads=4), 32, rngs=nnx.Rngs(0))
+  y = flash(x, mask=mask)
+  assert bool(jnp.all(jnp.isfinite(y[0]))) and bool(jnp.all(jnp.isnan(y[1])))
 
 
 def test_width_not_divisible_by_heads_raises():

@@ -11,6 +11,7 @@ from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice
+from kernels.flash_attention import flash_attention
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
@@ -19,17 +20,20 @@ IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 class FullAttentionConfig(AttentionConfig):
   variant = "full"
   # "xla": jnp softmax attention (the reference). "cudnn": cuDNN fused attention (NVIDIA GPUs).
-  # "pallas": the Pallas flash-attention kernel (kernels.flash_attention).
+  # "pallas": the Pallas flash-attention kernel (kernels.flash_attention; right padding only).
   impl: str = "xla"
 
   def __post_init__(self):
     super().__post_init__()
     check_choice("impl", self.impl, IMPLEMENTATIONS)
-    if self.impl == "pallas":
-      raise ValueError(
-          "impl='pallas' needs the Pallas flash-attention kernel (kernels.flash_attention), which is not "
-          "built yet; choose impl='xla' or impl='cudnn'"
-      )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlashAttentionConfig(FullAttentionConfig):
+  """`full` on the Pallas flash-attention kernel (interpret mode off GPU)."""
+
+  variant = "flash"
+  impl: str = "pallas"
 
 
 def softmax_attention(
@@ -43,9 +47,12 @@ def softmax_attention(
 ) -> jax.Array:
   """q [B, T, H, D], k/v [B, S, Hkv, D], key_mask bool [B, S] -> [B, T, H, D].
 
-  GQA is handled by `jax.nn.dot_product_attention` without repeating K/V. Causal masking is aligned
-  to the end when T != S (the last query sees every key), as in decoding.
+  GQA never repeats K/V. Causal masking is aligned to the end when T != S (the last query sees every key),
+  as in decoding. impl="pallas" takes padding as lengths, so key_mask must be right padding there (a row
+  with a hole in its mask comes out as NaN rather than silently wrong).
   """
+  if impl == "pallas":
+    return _flash(q, k, v, causal=causal, key_mask=key_mask)
   allowed = None if key_mask is None else key_mask[:, None, None, :]
   if causal and q.shape[1] != k.shape[1]:
     offset = k.shape[1] - q.shape[1]
@@ -55,6 +62,16 @@ def softmax_attention(
   return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal, implementation=impl)
 
 
+def _flash(q, k, v, *, causal, key_mask):
+  if key_mask is None:
+    return flash_attention(q, k, v, causal=causal, impl="pallas")
+  lengths = key_mask.sum(axis=1, dtype=jnp.int32)
+  right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
+  o = flash_attention(q, k, v, causal=causal, kv_lengths=lengths, impl="pallas")
+  return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
+
+
+@register(FlashAttentionConfig)
 @register(FullAttentionConfig)
 class FullAttention(nnx.Module):
   """Multi-head softmax attention: y = softmax(q k^T / sqrt(D)) v, projected back to the model width."""

@@ -1,0 +1,1 @@
+"""GPU benchmarks, one script per op; peers are measured in the same process."""

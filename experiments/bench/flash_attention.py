@@ -1,0 +1,113 @@
+"""Flash-attention benchmark: TFLOP/s forward and forward+backward against XLA, cuDNN, tokamax and FA3.
+
+  python -m experiments.bench.flash_attention --out_dir=benchmarks/results
+
+Rows: bf16, B*T = 16K tokens, H*D = 2048, T in {2K, 4K, 8K, 16K}, D in {64, 128}, causal or not. FLOPs are
+counted as FlashAttention does: forward 4*B*H*T*S*D (halved when causal), backward 2.5x forward.
+"""
+
+import traceback
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments.bench.timing import environment, median_ms, write_results
+from kernels.flash_attention import flash_attention
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims D.")
+_IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "xla", "tokamax", "fa3"], "Implementations to time.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_TOKENS = 16384
+_WIDTH = 2048
+
+
+def _peers() -> dict:
+  """Attention functions (q, k, v, causal) -> o of every importable implementation."""
+  impls = {
+      "ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, impl="pallas"),
+      "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                    implementation="cudnn"),
+      "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
+  }
+  try:
+    import tokamax
+
+    impls["tokamax"] = lambda q, k, v, causal: tokamax.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="mosaic")
+  except ImportError:
+    print("tokamax not importable; skipped")
+  try:
+    from flash_attn3_jax import flash_mha
+
+    impls["fa3"] = lambda q, k, v, causal: flash_mha(q, k, v, is_causal=causal)
+  except ImportError:
+    print("flash_attn3_jax not importable; skipped")
+  return impls
+
+
+def _input_sets(b, t, h, d, count=3):
+  sets = []
+  for seed in range(count):
+    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+    shape = (b, t, h, d)
+    sets.append(tuple(jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv, kd)))
+  return sets
+
+
+def _measure(attention, causal, inputs, iters):
+  fwd = jax.jit(lambda q, k, v, do: attention(q, k, v, causal))
+
+  def loss(q, k, v, do):
+    return jnp.sum(attention(q, k, v, causal).astype(jnp.float32) * do.astype(jnp.float32))
+
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return median_ms(fwd, inputs, iters=iters), median_ms(fwd_bwd, inputs, iters=iters)
+
+
+def main(argv):
+  del argv
+  env = environment()
+  peers = {name: fn for name, fn in _peers().items() if name in _IMPLS.value}
+  rows = []
+  for d in map(int, _HEAD_DIMS.value):
+    for t in map(int, _SEQ_LENS.value):
+      for causal in (False, True):
+        b, h = _TOKENS // t, _WIDTH // d
+        flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
+        inputs = _input_sets(b, t, h, d)
+        for name, attention in peers.items():
+          row = dict(impl=name, T=t, D=d, causal=causal, B=b, H=h)
+          try:
+            fwd_ms, fwd_bwd_ms = _measure(attention, causal, inputs, _ITERS.value)
+            row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
+                       fwd_bwd_tflops=3.5 * flops / fwd_bwd_ms / 1e9)
+          except Exception as e:  # a peer that cannot run a row (OOM, unsupported) is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            traceback.print_exc(limit=1)
+          rows.append(row)
+          print(row, flush=True)
+  write_results(_OUT_DIR.value, "flash_attention", env, rows, _table(rows, list(peers)))
+
+
+def _table(rows, names):
+  lines = ["TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048)", "",
+           "| T, D, causal | " + " | ".join(names) + " | ours / cuDNN |",
+           "|---" * (len(names) + 2) + "|"]
+  keys = sorted({(r["D"], r["T"], r["causal"]) for r in rows})
+  for d, t, causal in keys:
+    cells, by_name = [], {r["impl"]: r for r in rows if (r["D"], r["T"], r["causal"]) == (d, t, causal)}
+    for name in names:
+      r = by_name.get(name, {})
+      cells.append(f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else "n/a")
+    ours, cudnn = by_name.get("ours", {}), by_name.get("cudnn", {})
+    ratio = (f"{ours['fwd_tflops'] / cudnn['fwd_tflops']:.2f} / {ours['fwd_bwd_tflops'] / cudnn['fwd_bwd_tflops']:.2f}"
+             if "fwd_tflops" in ours and "fwd_tflops" in cudnn else "n/a")
+    lines.append(f"| {t // 1024}K, {d}, {'yes' if causal else 'no'} | " + " | ".join(cells) + f" | {ratio} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

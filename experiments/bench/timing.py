@@ -1,0 +1,52 @@
+"""Timing and reporting shared by the benchmark scripts."""
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+
+def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, iters: int = 20) -> float:
+  """Median wall time in ms of fn(*inputs), rotating over several input sets so caches do not flatter it.
+
+  Each call is synchronised (block_until_ready) before the clock stops.
+  """
+  for i in range(warmup):
+    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+  times = []
+  for i in range(iters):
+    args = input_sets[i % len(input_sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def environment() -> dict:
+  """Device, versions, date and commit for the results header."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or os.environ.get("BENCH_COMMIT", "unknown")
+  except OSError:
+    commit = os.environ.get("BENCH_COMMIT", "unknown")
+  return {
+      "device": jax.devices()[0].device_kind,
+      "jax": jax.__version__,
+      "date": datetime.date.today().isoformat(),
+      "commit": os.environ.get("BENCH_COMMIT", commit),
+  }
+
+
+def write_results(out_dir: str, name: str, env: dict, rows: list[dict], table: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump({"environment": env, "rows": rows}, f, indent=1)
+  header = f"{env['device']}, jax {env['jax']}, {env['date']}, commit {env['commit']}\n\n"
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(header + table + "\n")
+  print(header + table)
