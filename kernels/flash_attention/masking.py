@@ -111,6 +111,10 @@ def query_tiles_for_key_tile(
     hi = (last + left - offset) // block_q + 1
     full_hi = (first + left - offset + 1) // block_q
   if kv_length is not None:
-    hi = jnp.where(first < kv_length, hi, lo)
-    full_hi = jnp.where(last < kv_length, full_hi, full_lo)
+    # No query tile sees a key tile that starts past kv_length; none sees one that ends past it unmasked.
+    # (Integer arithmetic, not jnp.where: the Pallas Triton lowering mistypes a scalar select here.)
+    any_valid = jnp.clip(kv_length - first, 0, 1)
+    all_valid = jnp.clip(kv_length - last, 0, 1)
+    hi = lo + (hi - lo) * any_valid
+    full_hi = full_lo + (full_hi - full_lo) * all_valid
   return _tile_range(lo, full_lo, full_hi, hi, num_q_tiles)

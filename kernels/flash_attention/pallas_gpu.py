@@ -34,9 +34,11 @@ class BlockSizes:
   block_q_dkv: int = 64
   block_k_dkv: int = 64
   num_warps: int = 4
-  num_warps_bwd: int = 4
   num_stages: int = 3
-  num_stages_bwd: int = 2
+  num_warps_dq: int = 4
+  num_stages_dq: int = 2
+  num_warps_dkv: int = 4
+  num_stages_dkv: int = 2
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
@@ -246,41 +248,51 @@ def backward(q, k, v, o, lse, do, kv_lengths, *, dlse, static: _Static, blocks: 
 
   With P the softmax, dS = P * (dP - delta) where delta = rowsum(dO * O) - dLSE (LSE's gradient is P).
   """
-  b, t, h, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
   # Base-2 LSE for the kernels; +inf on rows that attend nothing makes their probabilities exactly 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
-  params = _compiler_params(blocks.num_warps_bwd, blocks.num_stages_bwd, interpret)
+  args = (q, k, v, do, lse2, delta, kv_lengths)
+  dq = backward_dq(*args, static=static, blocks=blocks, interpret=interpret)
+  dk, dv = backward_dkv(*args, static=static, blocks=blocks, interpret=interpret)
+  return dq, dk, dv
 
+
+def backward_dq(q, k, v, do, lse2, delta, kv_lengths, *, static: _Static, blocks: BlockSizes, interpret: bool):
+  """dq [B, T, H, D]: one program per (batch, head, query tile), looping over key tiles."""
+  b, t, h, d = q.shape
+  s = k.shape[1]
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   row_spec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0))
   stat_spec = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
   kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi // static.group, 0))
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, static=static, block_k=bk),
       grid=(b, h, t // bq),
       in_specs=[row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, _kv_length_spec()],
       out_specs=row_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=_compiler_params(blocks.num_warps_dq, blocks.num_stages_dq, interpret),
       interpret=interpret,
       name="flash_attention_dq",
   )(q, k, v, do, lse2, delta, kv_lengths)
 
+
+def backward_dkv(q, k, v, do, lse2, delta, kv_lengths, *, static: _Static, blocks: BlockSizes, interpret: bool):
+  """dk, dv [B, S, Hkv, D]: one program per (batch, kv head, key tile), looping over its query heads and tiles."""
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
   bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
   all_rows_spec = pl.BlockSpec((None, t, h, d), lambda bi, hi, j: (bi, 0, 0, 0))
   all_stats_spec = pl.BlockSpec((None, h, t), lambda bi, hi, j: (bi, 0, 0))
   key_tile_spec = pl.BlockSpec((None, bk, None, d), lambda bi, hi, j: (bi, j, hi, 0))
-  dk, dv = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dkv_kernel, static=static, block_q=bq),
       grid=(b, hkv, s // bk),
       in_specs=[all_rows_spec, key_tile_spec, key_tile_spec, all_rows_spec, all_stats_spec, all_stats_spec,
                 _kv_length_spec()],
       out_specs=[key_tile_spec, key_tile_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      compiler_params=_compiler_params(blocks.num_warps_dkv, blocks.num_stages_dkv, interpret),
       interpret=interpret,
       name="flash_attention_dkv",
   )(q, k, v, do, lse2, delta, kv_lengths)
-  return dq, dk, dv

@@ -1,0 +1,153 @@
+"""Mamba (Gu & Dao 2023): a gated, input-dependent (selective) state-space mixer; causal only.
+
+x [B, T, C] -> in-projection to x' and gate z [B, T, E] (E = expand * C) -> causal depthwise conv + SiLU
+-> per-token delta [B, T, E], B_t/C_t [B, T, N] from x' -> selective scan with A = -exp(A_log) [E, N]
+and skip D -> times silu(z) -> out-projection to [B, T, C].
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention.config import MixerConfig
+from efficient_attention.layers import check_padding_mask
+from efficient_attention.registry import register
+from efficient_attention.validation import check_choice, check_positive
+from kernels.selective_scan import selective_scan
+from kernels.selective_scan.api import IMPLEMENTATIONS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MambaConfig(MixerConfig):
+  variant = "mamba"
+  # The state carries information forward in time only.
+  supports_bidirectional = False
+  # State size N per channel.
+  d_state: int = 16
+  # Kernel width of the causal depthwise convolution before the scan.
+  d_conv: int = 4
+  # Inner width E = expand * C.
+  expand: int = 2
+  # Rank of the low-rank delta projection: "auto" = ceil(C / 16), or a positive int.
+  dt_rank: int | str = "auto"
+  # Initial step sizes delta are sampled log-uniformly in [dt_min, dt_max].
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  # Selective-scan implementation (kernels.selective_scan): "xla" (the jnp reference) or "auto".
+  impl: str = "auto"
+  # Bias on the depthwise convolution.
+  conv_bias: bool = True
+  # Bias on the in- and out-projections.
+  use_bias: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_positive("d_state", self.d_state)
+    check_positive("d_conv", self.d_conv)
+    check_positive("expand", self.expand)
+    if isinstance(self.dt_rank, str):
+      check_choice("dt_rank", self.dt_rank, ("auto",))
+    elif isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int) or self.dt_rank < 1:
+      raise ValueError(f"dt_rank={self.dt_rank!r} is not valid; use 'auto' (ceil(width / 16)) or a positive int")
+    check_positive("dt_min", self.dt_min)
+    check_positive("dt_max", self.dt_max)
+    if self.dt_min > self.dt_max:
+      raise ValueError(f"dt_min={self.dt_min} is not valid; it must be <= dt_max={self.dt_max}")
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
+
+  def dt_rank_for(self, width: int) -> int:
+    return math.ceil(width / 16) if self.dt_rank == "auto" else self.dt_rank
+
+
+def _uniform(bound: float):
+  """Initializer drawing from U(-bound, bound)."""
+
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def _dt_bias_init(dt_min: float, dt_max: float):
+  """Initializer for the delta bias: softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's dt init)."""
+
+  def init(key, shape, dtype):
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
+    # Inverse of softplus: softplus(dt + log(1 - exp(-dt))) = dt.
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+  return init
+
+
+class CausalDepthwiseConv(nnx.Module):
+  """y_t = bias + sum_k w_k * x_{t - K + 1 + k} per channel; x, y [B, T, E], kernel w [K, E]."""
+
+  def __init__(self, features: int, kernel_size: int, *, use_bias: bool, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    # PyTorch's Conv1d default, as in Mamba: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = K for depthwise.
+    init = _uniform(1.0 / math.sqrt(kernel_size))
+    self.kernel_size = kernel_size
+    self.dtype = dtype
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, features), param_dtype))
+    self.bias = nnx.Param(init(rngs.params(), (features,), param_dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    t = x.shape[1]
+    # Left zero padding: the first tokens see zeros, never later tokens.
+    padded = jnp.pad(x.astype(self.dtype), [(0, 0), (self.kernel_size - 1, 0), (0, 0)])
+    kernel = self.kernel[...].astype(self.dtype)
+    y = sum(padded[:, k : k + t] * kernel[k] for k in range(self.kernel_size))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+@register(MambaConfig)
+class Mamba(nnx.Module):
+  """Mamba-1 mixer: y = out_proj(selective_scan(silu(conv(x')), delta, A, B, C, D) * silu(z))."""
+
+  def __init__(self, config: MambaConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.inner = config.expand * width
+    self.dt_rank = config.dt_rank_for(width)
+    n = config.d_state
+    linear = lambda fan_in, fan_out, use_bias, **init: nnx.Linear(
+        fan_in, fan_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **init
+    )
+    self.in_proj = linear(width, 2 * self.inner, config.use_bias)
+    self.conv = CausalDepthwiseConv(
+        self.inner, config.d_conv, use_bias=config.conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+    self.x_proj = linear(self.inner, self.dt_rank + 2 * n, False)
+    # Mamba scales the delta projection so that its output starts with unit-order variance.
+    self.dt_proj = linear(self.dt_rank, self.inner, False, kernel_init=_uniform(self.dt_rank**-0.5))
+    # Kept apart from dt_proj so the bias is added in fp32, right before the softplus.
+    self.dt_bias = nnx.Param(_dt_bias_init(config.dt_min, config.dt_max)(rngs.params(), (self.inner,), param_dtype))
+    # S4D-real initialisation: A = -(1, 2, ..., N) for every channel, stored as log(-A).
+    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32))
+    self.A_log = nnx.Param(jnp.broadcast_to(a_log, (self.inner, n)).astype(param_dtype))
+    self.D = nnx.Param(jnp.ones((self.inner,), param_dtype))
+    self.out_proj = linear(self.inner, width, config.use_bias)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """x [B, T, C], mask bool [B, T] (True at real tokens) -> [B, T, C]."""
+    mask = check_padding_mask(mask, x)
+    n = self.config.d_state
+    xs, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, E] each
+    if mask is not None:
+      # Padded tokens enter the convolution as zeros, exactly like the zeros before the first token.
+      xs = jnp.where(mask[..., None], xs, 0)
+    xs = jax.nn.silu(self.conv(xs))
+    dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + n], axis=-1)
+    delta = jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    if mask is not None:
+      # delta = 0 makes a token the identity update (exp(0 A) = 1, 0 B x = 0): the state passes
+      # through padding unchanged, whether it is on the left, right or in between.
+      delta = jnp.where(mask[..., None], delta, 0.0)
+    a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    y = selective_scan(xs, delta, a, b, c, D=self.D[...], z=z, dt_softplus=False, impl=self.config.impl)
+    return self.out_proj(y)

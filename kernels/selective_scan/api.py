@@ -1,0 +1,125 @@
+"""Public selective-scan ops: validate arguments, pick an implementation.
+
+Gradients come from autodiff of the reference until a Pallas kernel with its own backward lands.
+"""
+
+import jax
+
+from kernels.selective_scan import reference
+
+# "xla": the chunked jnp reference. "auto": the fastest available for the platform, today the reference.
+IMPLEMENTATIONS = ("xla", "auto")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check_shape(name: str, array: jax.Array | None, expected: tuple[int, ...], letters: str) -> None:
+  if array is not None and tuple(array.shape) != tuple(expected):
+    raise ValueError(f"{name}.shape={tuple(array.shape)} is not valid; expected {letters}={tuple(expected)}")
+
+
+def _check_bc(name: str, array: jax.Array, lead: tuple[int, ...], lead_letters: str, dm: int, n: int) -> None:
+  """B/C: lead + [N] or lead + [G, N] with Dm divisible by G."""
+  shape = tuple(array.shape)
+  if shape == (*lead, n):
+    return
+  if len(shape) == len(lead) + 2 and shape[: len(lead)] == lead and shape[-1] == n:
+    groups = shape[-2]
+    if groups >= 1 and dm % groups == 0:
+      return
+    raise ValueError(
+        f"{name}.shape={shape} is not valid; its group count G={groups} must divide Dm={dm} "
+        f"(valid G: {[g for g in range(1, dm + 1) if dm % g == 0]})"
+    )
+  raise ValueError(
+      f"{name}.shape={shape} is not valid; expected [{lead_letters}, N]={(*lead, n)} "
+      f"or grouped [{lead_letters}, G, N]={(*lead, 'G', n)}"
+  )
+
+
+def _check_common(x, dt, A, B, C, D, z, dt_bias, state, state_name, lead, lead_letters) -> None:
+  """Checks shared by the sequence op (lead = [B, L]) and the one-token step (lead = [B])."""
+  dm = x.shape[-1]
+  _check_shape("dt", dt, x.shape, f"[{lead_letters}, Dm]")
+  _check_shape("z", z, x.shape, f"[{lead_letters}, Dm]")
+  if A.ndim != 2 or A.shape[0] != dm:
+    raise ValueError(f"A.shape={tuple(A.shape)} is not valid; expected [Dm, N] with Dm={dm}")
+  n = A.shape[1]
+  _check_bc("B", B, lead, lead_letters, dm, n)
+  _check_bc("C", C, lead, lead_letters, dm, n)
+  if B.shape != C.shape:
+    raise ValueError(f"B.shape={tuple(B.shape)} and C.shape={tuple(C.shape)} are not valid; they must match")
+  _check_shape("D", D, (dm,), "[Dm]")
+  _check_shape("dt_bias", dt_bias, (dm,), "[Dm]")
+  _check_shape(state_name, state, (x.shape[0], dm, n), "[B, Dm, N]")
+
+
+def selective_scan(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    *,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    dt_bias: jax.Array | None = None,
+    dt_softplus: bool = True,
+    initial_state: jax.Array | None = None,
+    return_final_state: bool = False,
+    impl: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Mamba-1 selective scan over a sequence.
+
+  h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t, y_t = (C_t . h_t + D x_t) * silu(z_t), with
+  delta = softplus(dt + dt_bias) (no softplus when dt_softplus=False).
+
+  Args:
+    x, dt: [B, L, Dm] inputs and step sizes before discretisation.
+    A: [Dm, N] state matrix diagonal (real; negative for a decaying state).
+    B, C: [B, L, N], or [B, L, G, N] where channel d uses group d // (Dm / G).
+    D: optional [Dm] skip connection. z: optional [B, L, Dm] gate. dt_bias: optional [Dm].
+    initial_state: optional [B, Dm, N] (computed in fp32); zeros when None.
+    return_final_state: also return the state after the last token, [B, Dm, N] fp32.
+    impl: one of IMPLEMENTATIONS.
+    chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
+
+  Returns:
+    y [B, L, Dm] in x.dtype, or (y, final_state) if return_final_state.
+  """
+  if x.ndim != 3 or x.shape[1] < 1:
+    raise ValueError(f"x.shape={tuple(x.shape)} is not valid; expected [B, L, Dm] with L >= 1")
+  _check_common(x, dt, A, B, C, D, z, dt_bias, initial_state, "initial_state", tuple(x.shape[:2]), "B, L")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
+  if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
+  y, state = reference.selective_scan_chunked(
+      x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+      initial_state=initial_state, chunk_size=chunk_size,
+  )
+  return (y, state) if return_final_state else y
+
+
+def selective_scan_step(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    state: jax.Array,
+    *,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    dt_bias: jax.Array | None = None,
+    dt_softplus: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """One decoding step of `selective_scan`.
+
+  x/dt/z [B, Dm], A [Dm, N], B/C [B, N] or [B, G, N], state [B, Dm, N]
+  -> (y [B, Dm] in x.dtype, new state [B, Dm, N] fp32).
+  """
+  if x.ndim != 2:
+    raise ValueError(f"x.shape={tuple(x.shape)} is not valid; expected [B, Dm]")
+  _check_common(x, dt, A, B, C, D, z, dt_bias, state, "state", (x.shape[0],), "B")
+  return reference.selective_scan_step(x, dt, A, B, C, state, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
