@@ -1,1 +1,2 @@
 from kernels.selective_scan import selective_scan, selective_scan_step
+from kernels.linear_attention import linear_attention, linear_attention_step

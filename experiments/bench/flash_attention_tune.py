@@ -21,7 +21,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "T = S.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed runs per candidate.")
 
 FORWARD = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-           for bq, bk, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+           for bq, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
 DQ = [dict(block_q_dq=bq, block_k_dq=bk, num_warps_dq=w, num_stages_dq=st)
       for bq, bk, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
 DKV = [dict(block_q_dkv=bq, block_k_dkv=bk, num_warps_dkv=w, num_stages_dkv=st)
