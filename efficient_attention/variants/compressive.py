@@ -1,0 +1,273 @@
+"""Compressive Transformer attention (Rae et al. 2020): segments attend to a FIFO memory and a compressed memory.
+
+The sequence is processed `segment_length` positions at a time by a `jax.lax.scan` that carries two memories:
+
+- the FIFO memory: the layer inputs x of the last `memory_length` positions (as in Transformer-XL, the layer
+  stores its input hidden states and projects them to keys/values with its own projections);
+- the compressed memory: `compressed_memory_length` slots, each `f_c` of `compression_rate` consecutive
+  activations that fell out of the FIFO memory.
+
+A segment's queries attend to [compressed memory; memory; segment], causally within the segment. Both memories
+start as empty (masked) slots, as the paper's fixed-size memories start at zeros; so every step pushes the
+segment's S activations into the FIFO, evicts its S oldest slots (empty ones at first) and compresses them
+into S / c slots. A compressed slot is a memory if any position it summarises held a real token. Memory
+contents are held under `stop_gradient` (the paper does not back-propagate into memories), so the task loss
+trains neither earlier segments through the memory nor the compression network.
+
+Positions: rotary embeddings at absolute positions, so scores depend on query-key distance (the paper's
+relative positions, done the simple way). A compressed slot sits at the position of the last activation it
+summarises, its most recent one, which keeps every memory slot strictly before every query of the segment.
+
+The compression network trains on the paper's attention-reconstruction loss (Algorithm 2): for each segment h
+and the activations `old` it evicts, || attn(h, old) - attn(h, f_c(old)) ||^2 with attn(h, m) =
+softmax(h W_q (m W_k)^T / sqrt(D)) m W_v per head (content only, no rotary), with h, `old` and W_q, W_k, W_v
+under stop_gradient so that only f_c learns from it. `CompressiveAttention.compression_loss(x, mask=mask)`
+returns it (mean over real query positions, heads and head dims); with `sow_compression_loss=True`, every call
+also sows it, so a training step adds it to the task loss as
+
+    (logits, captured) = nnx.capture(model, nnx.Intermediate)(tokens)
+    aux = sum(jax.tree.leaves(captured))          # one `reconstruction_loss` per compressive layer
+    loss = task_loss(logits) + weight * aux
+
+Memory: each scan step holds scores [B, H, S, Ncm + M + S]; nothing is T x T.
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention.config import AttentionConfig
+from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection, rotary_embedding
+from efficient_attention.registry import register
+from efficient_attention.validation import check_at_least, check_choice, check_divisible, check_positive
+from efficient_attention.variants.full import softmax_attention
+
+COMPRESSIONS = ("conv", "mean_pool", "max_pool")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressiveConfig(AttentionConfig):
+  variant = "compressive"
+  supports_bidirectional = False
+  # S: positions per scan step; a segment's queries attend causally within it plus to both memories.
+  segment_length: int = 64
+  # M (n_m in the paper): FIFO memory of the layer inputs at the last M positions before the segment.
+  memory_length: int = 64
+  # Ncm (n_cm): compressed memory slots; 0 keeps only the FIFO memory (Transformer-XL).
+  compressed_memory_length: int = 32
+  # c: activations evicted from the FIFO memory are compressed c to one slot; must divide segment_length.
+  compression_rate: int = 4
+  # f_c: "conv" (learned strided conv1d, kernel = stride = c), "mean_pool" or "max_pool" over each c.
+  compression: str = "conv"
+  # True: every call also sows the attention-reconstruction loss as nnx.Intermediate "reconstruction_loss"
+  # (collect it with nnx.capture; see the module docstring).
+  sow_compression_loss: bool = False
+
+  def __post_init__(self):
+    if not self.causal:
+      raise ValueError(
+          "causal=False is not valid for variant 'compressive': its memories only hold earlier segments, "
+          "so no position could see later segments; use causal=True"
+      )
+    super().__post_init__()
+    check_positive("segment_length", self.segment_length)
+    check_at_least("memory_length", self.memory_length, 0)
+    check_at_least("compressed_memory_length", self.compressed_memory_length, 0)
+    check_positive("compression_rate", self.compression_rate)
+    check_choice("compression", self.compression, COMPRESSIONS)
+    if self.compressed_memory_length:
+      # Each step evicts exactly S slots; c | S makes every evicted slot land in one compressed slot.
+      check_divisible("segment_length", self.segment_length, "compression_rate", self.compression_rate)
+
+
+class Slots(NamedTuple):
+  """Activations x [B, N, C], valid [B, N] (False: empty or padding) and absolute positions [N]."""
+
+  x: jax.Array
+  valid: jax.Array
+  positions: jax.Array
+
+
+def _concat(*parts: Slots) -> Slots:
+  return Slots(
+      jnp.concatenate([p.x for p in parts], axis=1),
+      jnp.concatenate([p.valid for p in parts], axis=1),
+      jnp.concatenate([p.positions for p in parts], axis=0),
+  )
+
+
+def _take(slots: Slots, start: int, stop: int) -> Slots:
+  return Slots(slots.x[:, start:stop], slots.valid[:, start:stop], slots.positions[start:stop])
+
+
+def _empty(batch: int, length: int, width: int, dtype: Any) -> Slots:
+  """Empty (masked) slots, placed at the positions just before the sequence."""
+  return Slots(
+      jnp.zeros((batch, length, width), dtype),
+      jnp.zeros((batch, length), bool),
+      jnp.arange(-length, 0, dtype=jnp.int32),
+  )
+
+
+class MemoryCompressor(nnx.Module):
+  """f_c: x [B, S, C] with valid [B, S] -> S/c slots [B, S/c, C] and their validity [B, S/c].
+
+  Slot j summarises positions [j c, (j + 1) c). Invalid positions are zeroed before the convolution and left
+  out of the pools, so padding content never reaches a slot; a slot is valid if any of its positions is.
+  """
+
+  def __init__(self, kind: str, rate: int, width: int, *, use_bias: bool, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    self.kind = kind
+    self.rate = rate
+    if kind == "conv":
+      self.conv = nnx.Conv(
+          width, width, kernel_size=(rate,), strides=(rate,), padding="VALID", use_bias=use_bias,
+          dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+      )
+
+  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, s, c = x.shape
+    chunk_valid = valid.reshape(b, s // self.rate, self.rate)
+    slot_valid = chunk_valid.any(axis=-1)
+    if self.kind == "conv":
+      return self.conv(jnp.where(valid[..., None], x, 0)), slot_valid
+    chunks = x.reshape(b, s // self.rate, self.rate, c).astype(jnp.float32)
+    keep = chunk_valid[..., None]
+    if self.kind == "mean_pool":
+      total = jnp.where(keep, chunks, 0).sum(axis=2)
+      y = total / jnp.maximum(chunk_valid.sum(axis=-1), 1)[..., None]
+    else:
+      y = jnp.where(slot_valid[..., None], jnp.where(keep, chunks, -jnp.inf).max(axis=2), 0)
+    return y.astype(x.dtype), slot_valid
+
+
+def _frozen(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` whose parameters are under stop_gradient."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, state))
+
+
+@register(CompressiveConfig)
+class CompressiveAttention(nnx.Module):
+  """Segment-recurrent softmax attention over [compressed memory; FIFO memory; segment]."""
+
+  def __init__(self, config: CompressiveConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if config.compressed_memory_length:
+      self.compressor = MemoryCompressor(
+          config.compression, config.compression_rate, width, use_bias=config.use_bias, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs,
+      )
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    y, loss = self._scan(x, mask, attend=True, reconstruct=self.config.sow_compression_loss)
+    if self.config.sow_compression_loss:
+      self.sow(nnx.Intermediate, "reconstruction_loss", loss)
+    return self.out(y)
+
+  def compression_loss(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """The attention-reconstruction loss (fp32 scalar) of this layer on its input x [B, T, C].
+
+    Its gradient reaches only the compression network; 0 when nothing is ever compressed.
+    """
+    return self._scan(x, check_padding_mask(mask, x), attend=False, reconstruct=True)[1]
+
+  def _scan(self, x: jax.Array, mask: jax.Array | None, *, attend: bool, reconstruct: bool):
+    """x [B, T, C] -> (attention output [B, T, H * D] or None, reconstruction loss or None)."""
+    cfg = self.config
+    b, t, c = x.shape
+    s = cfg.segment_length
+    steps = -(-t // s)
+    valid = jnp.ones((b, t), bool) if mask is None else mask
+    # Masks already exclude padded keys and memory slots; zeroing them as well keeps even non-finite padding
+    # out of the arithmetic (a masked value still meets a zero weight). The pad to whole segments is masked
+    # like padding and comes after every real position.
+    x = jnp.where(valid[..., None], x, 0)
+    x = jnp.pad(x, ((0, 0), (0, steps * s - t), (0, 0)))
+    valid = jnp.pad(valid, ((0, 0), (0, steps * s - t)))
+    segments = (
+        x.reshape(b, steps, s, c).swapaxes(0, 1),
+        valid.reshape(b, steps, s).swapaxes(0, 1),
+        jnp.arange(steps * s, dtype=jnp.int32).reshape(steps, s),
+    )
+    memories = (_empty(b, cfg.memory_length, c, x.dtype), _empty(b, cfg.compressed_memory_length, c, x.dtype))
+    frozen_qkv = _frozen(self.qkv) if reconstruct else None
+
+    def step(carry, segment):
+      return self._step(carry, Slots(*segment), attend=attend, frozen_qkv=frozen_qkv)
+
+    _, (y, errors) = jax.lax.scan(step, memories, segments)
+    if attend:
+      y = y.swapaxes(0, 1).reshape(b, steps * s, -1)[:, :t]
+    loss = None
+    if reconstruct:
+      total, count = errors if errors is not None else (jnp.zeros(()), jnp.zeros(()))
+      loss = total.sum() / jnp.maximum(count.sum(), 1)
+    return y, loss
+
+  def _step(self, carry: tuple[Slots, Slots], segment: Slots, *, attend: bool, frozen_qkv: nnx.Module | None):
+    """One segment [B, S, C]: attention output [B, S, H * D] and the updated (memory, compressed memory)."""
+    cfg = self.config
+    memory, compressed = carry
+    s = cfg.segment_length
+    y = None
+    if attend:
+      context = _concat(compressed, memory, segment)
+      q = self._heads(self.qkv.query, segment, self.qkv.num_heads)
+      k = self._heads(self.qkv.key, context, self.qkv.num_kv_heads)
+      v = self._heads(self.qkv.value, context, self.qkv.num_kv_heads, rotate=False)
+      # The causal mask aligns the segment to the end of the keys: every memory slot is visible.
+      y = softmax_attention(q, k, v, causal=True, key_mask=context.valid)
+      y = y.reshape(*y.shape[:2], -1)
+    # Memories hold activations without their gradient paths, as in the paper; f_c's output is stopped too,
+    # so only the reconstruction loss trains f_c.
+    stream = jax.lax.stop_gradient(_concat(memory, segment))
+    evicted = _take(stream, 0, s)
+    memory = _take(stream, s, s + cfg.memory_length)
+    errors = None
+    if cfg.compressed_memory_length:
+      slots, slots_valid = self.compressor(evicted.x, evicted.valid)
+      new = Slots(slots, slots_valid, evicted.positions.reshape(-1, cfg.compression_rate)[:, -1])
+      if frozen_qkv is not None:
+        errors = self._reconstruction_errors(frozen_qkv, segment, evicted, new)
+      fresh = s // cfg.compression_rate
+      compressed = _take(_concat(compressed, new), fresh, fresh + cfg.compressed_memory_length)
+      compressed = jax.lax.stop_gradient(compressed)
+    return (memory, compressed), (y, errors)
+
+  def _heads(self, linear: nnx.Linear, slots: Slots, heads: int, *, rotate: bool = True) -> jax.Array:
+    """Projects slots.x [B, N, C] to [B, N, heads, D], rotated to slots.positions when configured."""
+    b, n, _ = slots.x.shape
+    y = linear(slots.x).reshape(b, n, heads, self.qkv.head_dim)
+    if rotate and self.config.rotary:
+      y = rotary_embedding(y, slots.positions, self.config.rotary_base)
+    return y
+
+  def _reconstruction_errors(self, frozen_qkv: nnx.Module, segment: Slots, evicted: Slots, compressed: Slots):
+    """Summed squared error attn(h, old) - attn(h, f_c(old)) over real queries, and how many terms it sums.
+
+    h and the evicted activations old are held constant and frozen_qkv carries stopped parameters, so only
+    f_c gets a gradient.
+    """
+    h = jax.lax.stop_gradient(segment.x)
+    b, s, _ = h.shape
+    q = frozen_qkv.query(h).reshape(b, s, frozen_qkv.num_heads, frozen_qkv.head_dim)
+
+    def attend(x, valid):
+      n = x.shape[1]
+      k = frozen_qkv.key(x).reshape(b, n, frozen_qkv.num_kv_heads, frozen_qkv.head_dim)
+      v = frozen_qkv.value(x).reshape(b, n, frozen_qkv.num_kv_heads, frozen_qkv.head_dim)
+      return softmax_attention(q, k, v, causal=False, key_mask=valid).astype(jnp.float32)
+
+    diff = attend(evicted.x, evicted.valid) - attend(compressed.x, compressed.valid)
+    # Queries with no real evicted activation to reconstruct add nothing.
+    counted = segment.valid & evicted.valid.any(axis=1, keepdims=True)
+    total = jnp.sum(jnp.where(counted[..., None, None], diff**2, 0))
+    return total, counted.sum() * diff.shape[2] * diff.shape[3]
