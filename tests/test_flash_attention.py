@@ -155,8 +155,6 @@ GPU_CASES = [
 @pytest.mark.parametrize("b,t,s,h,hkv,d,causal,window", GPU_CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_gpu_pallas_matches_reference(b, t, s, h, hkv, d, causal, window, dtype):
-  if dtype == jnp.float32 and d == 256:
-    pytest.skip("fp32 with D=256 exceeds the kernel's shared memory at the default tiles; bf16 covers D=256")
   q, k, v, do, dlse = _inputs(b, t, s, h, hkv, d, dtype)
   lengths = jnp.array([s] + [s // 2] * (b - 1), jnp.int32)
   results = {}
