@@ -3,6 +3,8 @@
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   choices = tuple(choices)
@@ -26,3 +28,9 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
         f"{name}={value} is not valid; it must be divisible by {divisor_name}={divisor} "
         f"(valid {divisor_name}: {[d for d in range(1, value + 1) if value % d == 0]})"
     )
+
+
+def check_count(name: str, value: int, minimum: int) -> None:
+  """Raises ValueError unless value is an int >= minimum (bools are not counts)."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{name}={value!r} is not valid; it must be an integer >= {minimum}")

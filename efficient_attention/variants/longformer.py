@@ -1,0 +1,160 @@
+"""Longformer attention (Beltagy et al. 2020): sliding window, per-head dilation, and global tokens.
+
+Local part: query t attends keys t - d*i for 0 <= i < window (causal) or t + d*i for |i| <= window
+(bidirectional), d the head's dilation. Global tokens attend every key and are attended by every query
+(causal: only from and to the past). Memory O(T * window + T * G) for G global tokens.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_attention.blocked_attention import ExtraKeys, band_attention, rows_attention
+from efficient_attention.config import AttentionConfig
+from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.registry import register
+from efficient_attention.validation import check_count
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LongformerConfig(AttentionConfig):
+  variant = "longformer"
+  # Causal: the last `window` keys (itself included) at stride d. Bidirectional: `window` keys on each side.
+  window: int = 64
+  # Dilation d of each head's window (keys t - d*i): one value for all heads, or one per head.
+  dilation: tuple[int, ...] = (1,)
+  # Positions of the global tokens (default: the first token, e.g. CLS); positions >= T are ignored.
+  global_tokens: tuple[int, ...] = (0,)
+  # The paper's Q_g, K_g, V_g: global tokens' rows use their own projections instead of the local ones.
+  separate_global_projections: bool = False
+
+  def __post_init__(self):
+    # Flags and ml_collections hand sequences over as lists; tuples keep the config hashable.
+    object.__setattr__(self, "dilation", tuple(self.dilation))
+    object.__setattr__(self, "global_tokens", tuple(self.global_tokens))
+    super().__post_init__()
+    check_count("window", self.window, 1)
+    if len(self.dilation) not in (1, self.num_heads):
+      raise ValueError(
+          f"dilation={self.dilation} is not valid; give one value for all heads or num_heads={self.num_heads} values"
+      )
+    for d in self.dilation:
+      check_count("dilation", d, 1)
+    for p in self.global_tokens:
+      check_count("global_tokens", p, 0)
+    if len(set(self.global_tokens)) != len(self.global_tokens):
+      raise ValueError(f"global_tokens={self.global_tokens} is not valid; positions must be distinct")
+
+  def head_dilations(self) -> tuple[int, ...]:
+    """Dilation of every query head (length num_heads)."""
+    return self.dilation * self.num_heads if len(self.dilation) == 1 else self.dilation
+
+
+def _global_positions(global_tokens: tuple[int, ...], length: int) -> np.ndarray:
+  """Sorted global positions that exist in a sequence of `length` (int [G])."""
+  return np.array(sorted(p for p in global_tokens if p < length), dtype=np.int32)
+
+
+def longformer_pattern(config: LongformerConfig, length: int) -> np.ndarray:
+  """Dense bool [H, T, S] (T = S = length) of the (query, key) pairs each head attends."""
+  t = np.arange(length)[:, None]
+  s = np.arange(length)[None, :]
+  is_global = np.zeros(length, bool)
+  is_global[_global_positions(config.global_tokens, length)] = True
+  heads = []
+  for d in config.head_dilations():
+    steps, on_stride = np.divmod(s - t, d)
+    reach = (steps > -config.window) & (steps <= 0) if config.causal else np.abs(steps) <= config.window
+    heads.append((reach & (on_stride == 0)) | is_global[:, None] | is_global[None, :])
+  pattern = np.stack(heads)
+  return pattern & (s <= t) if config.causal else pattern
+
+
+def _kv_heads_for(k: jax.Array, v: jax.Array, heads: np.ndarray, num_heads: int):
+  """k/v [B, S, Hkv, D] for the query heads `heads` (sorted): kept grouped when they are whole GQA groups."""
+  group = num_heads // k.shape[2]
+  kv = heads // group
+  whole = np.unique(kv)
+  # Whole groups keep GQA's shared K/V; a group split across dilations needs K/V per query head.
+  index = whole if len(heads) == len(whole) * group else kv
+  return k[:, :, index], v[:, :, index]
+
+
+def longformer_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int,
+    dilations: tuple[int, ...],
+    global_tokens: tuple[int, ...],
+    causal: bool,
+    key_mask: jax.Array | None = None,
+    global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+  """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; the pattern of `longformer_pattern`.
+
+  dilations: one per query head. key_mask bool [B, T]: padded keys are never attended. global_qkv:
+  (q, k, v) shaped like (q, k, v) used for the global tokens' rows (the paper's separate projections).
+  """
+  t, h = q.shape[1], q.shape[2]
+  positions = np.arange(t)
+  g_pos = _global_positions(global_tokens, t)
+  key_ok = jnp.ones((1, t), bool) if key_mask is None else key_mask
+  is_global = np.zeros(t, bool)
+  is_global[g_pos] = True
+  # Global keys enter every row once, as extra keys; the band skips them so none is counted twice.
+  local_keys = key_ok & ~is_global
+  extra_mask = key_ok[:, None, g_pos]
+  if causal:
+    extra_mask = extra_mask & (g_pos[None, :] <= positions[:, None])
+  lo, hi = (-(window - 1), 0) if causal else (-window, window)
+
+  heads_by_dilation = {d: np.flatnonzero(np.array(dilations) == d) for d in sorted(set(dilations))}
+  outs = []
+  for d, heads in heads_by_dilation.items():
+    if len(heads_by_dilation) == 1:
+      q_h, k_h, v_h = q, k, v
+    else:
+      q_h, (k_h, v_h) = q[:, :, heads], _kv_heads_for(k, v, heads, h)
+    extra = ExtraKeys(k_h[:, g_pos], v_h[:, g_pos], extra_mask) if len(g_pos) else None
+    outs.append(band_attention(q_h, k_h, v_h, lo=lo, hi=hi, dilation=d, key_mask=local_keys, extra=extra))
+  y = outs[0]
+  if len(outs) > 1:
+    y = jnp.concatenate(outs, axis=2)[:, :, np.argsort(np.concatenate(list(heads_by_dilation.values())))]
+
+  if len(g_pos):
+    q_g, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    row_mask = key_ok[:, None, :]
+    if causal:
+      row_mask = row_mask & (positions[None, :] <= g_pos[:, None])
+    y = y.at[:, g_pos].set(rows_attention(q_g[:, g_pos], k_g, v_g, row_mask).astype(y.dtype))
+  return y
+
+
+@register(LongformerConfig)
+class Longformer(nnx.Module):
+  """Multi-head Longformer attention: dilated sliding windows plus symmetric global tokens."""
+
+  def __init__(self, config: LongformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.global_qkv = (
+        QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.separate_global_projections else None
+    )
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    q, k, v = self.qkv(x)
+    cfg = self.config
+    y = longformer_attention(
+        q, k, v, window=cfg.window, dilations=cfg.head_dilations(), global_tokens=cfg.global_tokens,
+        causal=cfg.causal, key_mask=mask, global_qkv=None if self.global_qkv is None else self.global_qkv(x),
+    )
+    return self.out(y.reshape(*x.shape[:2], -1))

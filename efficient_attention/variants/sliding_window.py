@@ -1,0 +1,101 @@
+"""Banded softmax attention: `sliding_window` (causal, the last w keys) and `local` (bidirectional, +-w).
+
+Both run blockwise (efficient_attention.blocked_attention): memory O(T * w), never a T x T matrix.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from efficient_attention.blocked_attention import band_attention
+from efficient_attention.config import AttentionConfig
+from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.registry import register
+from efficient_attention.validation import check_count
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlidingWindowConfig(AttentionConfig):
+  variant = "sliding_window"
+  supports_bidirectional = False
+  # Keys each query sees, itself included: query t attends [t - window + 1, t].
+  window: int = 128
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_count("window", self.window, 1)
+
+  def band(self) -> tuple[int, int]:
+    """(lo, hi): query t attends keys t + i for lo <= i <= hi."""
+    return -(self.window - 1), 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LocalConfig(AttentionConfig):
+  variant = "local"
+  supports_causal = False
+  # Local attention is bidirectional; its causal form is the sliding_window variant.
+  causal: bool = False
+  # Reach on each side: query t attends [t - window, t + window].
+  window: int = 64
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_count("window", self.window, 1)
+
+  def causal_unsupported_reason(self) -> str:
+    return "its causal form is variant 'sliding_window' (window = keys up to and including t)"
+
+  def band(self) -> tuple[int, int]:
+    """(lo, hi): query t attends keys t + i for lo <= i <= hi."""
+    return -self.window, self.window
+
+
+def sliding_window_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, key_mask: jax.Array | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """Causal: q [B, T, H, D] attends k/v [B, T, Hkv, D] at [t - window + 1, t] -> [B, T, H, D]."""
+  return band_attention(q, k, v, lo=-(window - 1), hi=0, key_mask=key_mask, block_size=block_size)
+
+
+def local_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, key_mask: jax.Array | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """Bidirectional: q [B, T, H, D] attends k/v [B, T, Hkv, D] at [t - window, t + window] -> [B, T, H, D]."""
+  return band_attention(q, k, v, lo=-window, hi=window, key_mask=key_mask, block_size=block_size)
+
+
+def band_pattern(config: SlidingWindowConfig | LocalConfig, length: int) -> np.ndarray:
+  """Dense bool [T, S] (T = S = length) of the (query, key) pairs the config's variant attends."""
+  lo, hi = config.band()
+  offset = np.arange(length)[None, :] - np.arange(length)[:, None]  # s - t
+  return (offset >= lo) & (offset <= hi)
+
+
+sliding_window_pattern = band_pattern
+local_pattern = band_pattern
+
+
+@register(LocalConfig)
+@register(SlidingWindowConfig)
+class BandAttention(nnx.Module):
+  """Multi-head softmax attention restricted to a window of keys around each query."""
+
+  def __init__(
+      self, config: SlidingWindowConfig | LocalConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+  ):
+    self.config = config
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    q, k, v = self.qkv(x)
+    lo, hi = self.config.band()
+    y = band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)
+    return self.out(y.reshape(*x.shape[:2], -1))
