@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_attention import build_mixer
+from efficient_attention import build_mixer, make_config
 from efficient_attention.blocked_attention import band_attention
 from efficient_attention.variants.bigbird import BigBirdConfig, bigbird_attention, bigbird_block_layout, bigbird_pattern
 from efficient_attention.variants.full import FullAttentionConfig
@@ -309,3 +309,16 @@ def test_memory_is_not_quadratic(config):
 def test_bad_config_names_the_field(cls, kwargs, field):
   with pytest.raises(ValueError, match=field):
     cls(**kwargs)
+
+
+@pytest.mark.parametrize("name,window", [("sliding_window", 7), ("local", 5)])
+def test_pallas_impl_equals_blocked_reference(name, window):
+  x = jax.random.normal(jax.random.key(0), (2, 40, 32))
+  mask = jnp.arange(40)[None, :] < jnp.array([[40], [29]])
+  blocked = build_mixer(make_config(name, num_heads=4, num_kv_heads=2, window=window), 32, rngs=nnx.Rngs(0))
+  flash = build_mixer(make_config(name, num_heads=4, num_kv_heads=2, window=window, impl="pallas"), 32,
+                      rngs=nnx.Rngs(0))
+  real = jnp.broadcast_to(mask[..., None], x.shape)
+  expected = jnp.where(real, blocked(x, mask=mask), 0)
+  actual = jnp.where(real, flash(x, mask=mask), 0)
+  assert_close(actual, expected, 1e-5)

@@ -52,7 +52,7 @@ def softmax_attention(
   with a hole in its mask comes out as NaN rather than silently wrong).
   """
   if impl == "pallas":
-    return _flash(q, k, v, causal=causal, key_mask=key_mask)
+    return flash_with_padding_mask(q, k, v, causal=causal, key_mask=key_mask)
   allowed = None if key_mask is None else key_mask[:, None, None, :]
   if causal and q.shape[1] != k.shape[1]:
     offset = k.shape[1] - q.shape[1]
@@ -62,12 +62,19 @@ def softmax_attention(
   return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal, implementation=impl)
 
 
-def _flash(q, k, v, *, causal, key_mask):
+def flash_with_padding_mask(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, key_mask: jax.Array | None,
+    window: tuple[int, int] | None = None,
+) -> jax.Array:
+  """The Pallas flash kernel with a [B, S] padding mask, which must be right padding.
+
+  The kernel takes padding as lengths; a row whose mask has a hole comes out as NaN rather than silently wrong.
+  """
   if key_mask is None:
-    return flash_attention(q, k, v, causal=causal, impl="pallas")
+    return flash_attention(q, k, v, causal=causal, window=window, impl="pallas")
   lengths = key_mask.sum(axis=1, dtype=jnp.int32)
   right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
-  o = flash_attention(q, k, v, causal=causal, kv_lengths=lengths, impl="pallas")
+  o = flash_attention(q, k, v, causal=causal, window=window, kv_lengths=lengths, impl="pallas")
   return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
 
 

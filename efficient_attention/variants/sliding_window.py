@@ -14,19 +14,31 @@ from efficient_attention.blocked_attention import band_attention
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
 from efficient_attention.registry import register
-from efficient_attention.validation import check_count
+from efficient_attention.validation import check_choice, check_count
+from efficient_attention.variants.full import flash_with_padding_mask
+
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SlidingWindowConfig(AttentionConfig):
-  variant = "sliding_window"
-  supports_bidirectional = False
-  # Keys each query sees, itself included: query t attends [t - window + 1, t].
-  window: int = 128
+class _BandConfig(AttentionConfig):
+  # "xla": blocked jnp attention (O(T * w) memory). "pallas": the flash-attention kernel with a window
+  # (right padding only), which skips the key tiles outside the band.
+  impl: str = "xla"
 
   def __post_init__(self):
     super().__post_init__()
     check_count("window", self.window, 1)
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlidingWindowConfig(_BandConfig):
+  variant = "sliding_window"
+  supports_bidirectional = False
+  # Keys each query sees, itself included: query t attends [t - window + 1, t].
+  window: int = 128
 
   def band(self) -> tuple[int, int]:
     """(lo, hi): query t attends keys t + i for lo <= i <= hi."""
@@ -34,17 +46,13 @@ class SlidingWindowConfig(AttentionConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LocalConfig(AttentionConfig):
+class LocalConfig(_BandConfig):
   variant = "local"
   supports_causal = False
   # Local attention is bidirectional; its causal form is the sliding_window variant.
   causal: bool = False
   # Reach on each side: query t attends [t - window, t + window].
   window: int = 64
-
-  def __post_init__(self):
-    super().__post_init__()
-    check_count("window", self.window, 1)
 
   def causal_unsupported_reason(self) -> str:
     return "its causal form is variant 'sliding_window' (window = keys up to and including t)"
@@ -97,5 +105,8 @@ class BandAttention(nnx.Module):
     mask = check_padding_mask(mask, x)
     q, k, v = self.qkv(x)
     lo, hi = self.config.band()
-    y = band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)
+    if self.config.impl == "pallas":
+      y = flash_with_padding_mask(q, k, v, causal=self.config.causal, key_mask=mask, window=(-lo, hi))
+    else:
+      y = band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)
     return self.out(y.reshape(*x.shape[:2], -1))
