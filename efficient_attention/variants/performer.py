@@ -1,0 +1,156 @@
+"""Performer (Choromanski et al. 2021): softmax attention estimated with FAVOR+ positive random features.
+
+exp(q . k / sqrt(D)) = E_w[phi(q) . phi(k)] for phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(M), x' = x D^-1/4,
+rows of W [M, D] ~ N(0, I_D). Drawing the rows in blocks of D mutually orthogonal directions (norms
+resampled from the chi(D) distribution so each row stays marginally Gaussian) lowers the estimator's
+variance. The normalised form y_t = phi(q_t) . sum_s phi(k_s) v_s / phi(q_t) . sum_s phi(k_s) then runs
+in O(T) through `feature_attention` (causal prefix scan or global sums).
+
+Stabilisation: exp of the raw logits overflows for large inputs, so each feature is shifted by a
+constant before the exp, which must cancel between numerator and normaliser:
+  queries: the max over features at the same position (one constant per query, cancels per row);
+  keys, bidirectional: the max over every real position and feature (one constant per head);
+  keys, causal: the running max over positions <= s (a global max would let a future key decide how
+    far past keys underflow). Key s is scaled by exp(-m_s); the scan's state is kept in units of
+    exp(-m_t) by decaying it by exp(m_{t-1} - m_t) <= 1 at each step, the kernel's per-head log decay.
+    Every exponent is <= 0, and the output at t uses only keys <= t.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention.config import AttentionConfig
+from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.registry import register
+from efficient_attention.validation import check_choice, check_positive
+from efficient_attention.variants.linear import feature_attention
+from kernels.linear_attention.api import IMPLEMENTATIONS
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerformerConfig(AttentionConfig):
+  variant = "performer"
+  # Random features M per head; the estimator's variance falls as 1/M (the paper suggests M ~ D log D).
+  num_features: int = 256
+  # Draw new random features on every training-mode call (not after model.eval()), from the `params`
+  # stream of the rngs the module was built with; the last draw is kept for evaluation.
+  redraw_features: bool = False
+  # Prefix-scan implementation for the causal form (kernels.linear_attention): "xla" (the jnp reference) or "auto".
+  impl: str = "auto"
+  # Tokens per chunk of the causal scan.
+  chunk_size: int = 64
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_positive("num_features", self.num_features)
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
+    check_positive("chunk_size", self.chunk_size)
+
+
+def orthogonal_gaussian_features(key: jax.Array, num_features: int, dim: int) -> jax.Array:
+  """W [M, D] fp32: blocks of D orthogonal directions, each row's norm drawn from chi(D)."""
+  direction_key, norm_key = jax.random.split(key)
+  blocks = -(-num_features // dim)
+  directions = jax.random.orthogonal(direction_key, dim, shape=(blocks,), dtype=f32)
+  directions = directions.reshape(blocks * dim, dim)[:num_features]
+  norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim), f32), axis=-1)
+  return directions * norms[:, None]
+
+
+def _feature_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, T, H, D], w [M, D] -> W x' - |x'|^2 / 2 with x' = x D^-1/4, fp32 [B, T, H, M]."""
+  x = x.astype(f32) * x.shape[-1] ** -0.25
+  return jnp.einsum("bthd,md->bthm", x, w.astype(f32)) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def query_features(q: jax.Array, w: jax.Array) -> jax.Array:
+  """phi(q) [B, T, H, M] fp32, each position shifted by its own max logit."""
+  logits = _feature_logits(q, w)
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  return jnp.exp(logits - shift) / math.sqrt(w.shape[0])
+
+
+def key_features(
+    k: jax.Array, w: jax.Array, *, causal: bool, key_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+  """phi(k) [B, T, Hkv, M] fp32 (zero at padded keys) and, when causal, the scan's log decay [B, T, Hkv].
+
+  The shift is the running (causal) or global (bidirectional) max logit over real keys; see the
+  module docstring. Padded keys take no part in it, so their contents cannot change real outputs.
+  """
+  logits = _feature_logits(k, w)
+  real = jnp.ones(k.shape[:3], bool) if key_mask is None else jnp.broadcast_to(key_mask[:, :, None], k.shape[:3])
+  peak = jnp.where(real, jnp.max(jax.lax.stop_gradient(logits), axis=-1), -jnp.inf)  # [B, T, Hkv]
+  shift = jax.lax.cummax(peak, axis=1) if causal else jnp.max(peak, axis=1, keepdims=True)
+  # -inf until the first real key: nothing has been accumulated yet, so any finite shift will do.
+  safe_shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  features = jnp.exp(jnp.where(real[..., None], logits - safe_shift[..., None], -jnp.inf)) / math.sqrt(w.shape[0])
+  if not causal:
+    return features, None
+  previous = jnp.pad(shift, ((0, 0), (1, 0), (0, 0)), constant_values=-jnp.inf)[:, :-1]
+  decay = jnp.where(jnp.isfinite(previous), previous, safe_shift) - safe_shift
+  return features, decay
+
+
+def performer_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    w: jax.Array,
+    *,
+    causal: bool,
+    key_mask: jax.Array | None = None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> jax.Array:
+  """FAVOR+ estimate of softmax(q k^T / sqrt(D)) v.
+
+  q [B, T, H, D], k/v [B, T, Hkv, D], w [M, D] -> fp32 [B, T, H, D].
+  """
+  phi_k, decay = key_features(k, w, causal=causal, key_mask=key_mask)
+  return feature_attention(
+      query_features(q, w), phi_k, v, causal=causal, key_mask=key_mask, decay=decay, impl=impl,
+      chunk_size=chunk_size,
+  )
+
+
+class RandomFeatures(nnx.Variable):
+  """A drawn, not learned, projection: optimisers and nnx.grad select nnx.Param, so they leave it alone."""
+
+
+@register(PerformerConfig)
+class Performer(nnx.Module):
+  """Multi-head FAVOR+ attention (MHA/GQA/MQA); one feature matrix shared by all heads of the layer."""
+
+  def __init__(self, config: PerformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.head_dim = config.head_dim_for(width)
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.features = RandomFeatures(orthogonal_gaussian_features(rngs.params(), config.num_features, self.head_dim))
+    # Training mode, as in nnx.Dropout; model.eval() (or nnx.view) sets it.
+    self.deterministic = False
+    self.redraw_rngs = rngs.params.fork() if config.redraw_features else None
+
+  def set_view(self, deterministic: bool | None = None):
+    """Used by nnx.view: deterministic=True stops feature redraws."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    if self.config.redraw_features and not self.deterministic:
+      self.features[...] = orthogonal_gaussian_features(self.redraw_rngs(), self.config.num_features, self.head_dim)
+    q, k, v = self.qkv(x)
+    y = performer_attention(
+        q, k, v, self.features[...], causal=self.config.causal, key_mask=mask, impl=self.config.impl,
+        chunk_size=self.config.chunk_size,
+    )
+    return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1))
