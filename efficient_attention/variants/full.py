@@ -53,6 +53,12 @@ def softmax_attention(
   """
   if impl == "pallas":
     return flash_with_padding_mask(q, k, v, causal=causal, key_mask=key_mask)
+  if impl == "cudnn" and key_mask is not None and q.shape[1] == k.shape[1]:
+    # cuDNN takes padding as sequence lengths (a [B, 1, 1, S] bias is rejected).
+    lengths, right_padded = _right_padding_lengths(key_mask)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                     implementation="cudnn")
+    return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
   allowed = None if key_mask is None else key_mask[:, None, None, :]
   if causal and q.shape[1] != k.shape[1]:
     offset = k.shape[1] - q.shape[1]
@@ -60,6 +66,13 @@ def softmax_attention(
     allowed = causal_allowed[None, None] if allowed is None else allowed & causal_allowed[None, None]
     causal = False
   return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal, implementation=impl)
+
+
+def _right_padding_lengths(key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """key_mask bool [B, S] -> (valid lengths int32 [B], whether each row is pure right padding [B])."""
+  lengths = key_mask.sum(axis=1, dtype=jnp.int32)
+  right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
+  return lengths, right_padded
 
 
 def flash_with_padding_mask(
@@ -72,8 +85,7 @@ def flash_with_padding_mask(
   """
   if key_mask is None:
     return flash_attention(q, k, v, causal=causal, window=window, impl="pallas")
-  lengths = key_mask.sum(axis=1, dtype=jnp.int32)
-  right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
+  lengths, right_padded = _right_padding_lengths(key_mask)
   o = flash_attention(q, k, v, causal=causal, window=window, kv_lengths=lengths, impl="pallas")
   return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
 

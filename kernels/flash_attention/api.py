@@ -113,7 +113,7 @@ def _pallas_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_si
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   d_pad = max(16, pl.next_power_of_2(d))
-  blocks = (block_sizes or pallas_gpu.BlockSizes.get_default(d_pad)).scaled_for(t, s)
+  blocks = (block_sizes or pallas_gpu.BlockSizes.get_default(d_pad, q.dtype.itemsize)).scaled_for(t, s)
   t_pad = _round_up(t, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
   s_pad = _round_up(s, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
   has_kv_length = kv_lengths is not None or s_pad != s

@@ -41,15 +41,24 @@ class BlockSizes:
   num_stages_dkv: int = 2
 
   @classmethod
-  def get_default(cls, head_dim: int) -> "BlockSizes":
-    """Best measured on an H200 at T=8K, bf16 (experiments/bench/flash_attention_tune.py)."""
-    if head_dim <= 128:
+  def get_default(cls, head_dim: int, itemsize: int = 2) -> "BlockSizes":
+    """Tiles by bytes per row (head_dim * itemsize), so fp32 and wide heads fit shared memory.
+
+    Rows up to 256 bytes (bf16/fp16 with D <= 128): best measured on an H200 at T=8K
+    (experiments/bench/flash_attention_tune.py). Wider rows halve the tiles and the pipeline depth.
+    """
+    row_bytes = head_dim * itemsize
+    if row_bytes <= 256:
       return cls(block_q=128, block_k=128, num_warps=8, num_stages=3,
                  block_q_dq=128, block_k_dq=64, num_warps_dq=8, num_stages_dq=3,
                  block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2)
-    return cls(block_q=64, block_k=64, num_warps=8, num_stages=2,
-               block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2,
-               block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2)
+    if row_bytes <= 512:
+      return cls(block_q=64, block_k=64, num_warps=8, num_stages=2,
+                 block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2,
+                 block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2)
+    return cls(block_q=32, block_k=32, num_warps=4, num_stages=2,
+               block_q_dq=32, block_k_dq=32, num_warps_dq=4, num_stages_dq=2,
+               block_q_dkv=32, block_k_dkv=32, num_warps_dkv=4, num_stages_dkv=2)
 
   def scaled_for(self, t: int, s: int) -> "BlockSizes":
     """Shrinks tiles for short sequences (power-of-two tiles no larger than the padded length)."""
