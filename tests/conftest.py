@@ -1,7 +1,14 @@
-"""Shared test set-up: GPU-marked tests run only where jax sees a GPU."""
+"""Shared test set-up: GPU-marked tests run only where jax sees a GPU; fast XLA compiles on CPU."""
 
-import jax
-import pytest
+import os
+
+# The CPU suite is dominated by XLA compile time for many small programs; skipping LLVM's optimisation
+# passes makes it about a third faster and changes no result beyond rounding. Set before jax starts.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:
