@@ -1,2 +1,17 @@
-from kernels.selective_scan import selective_scan, selective_scan_step
+"""Fast differentiable ops, each with a plain-jnp reference (`kernels/<op>/reference.py`).
+
+The public ops are re-exported here under their subpackage names, so `kernels.flash_attention` is the
+function; reach an op's modules with `from kernels.flash_attention import reference`.
+"""
+
+from kernels.flash_attention import flash_attention
 from kernels.linear_attention import linear_attention, linear_attention_step
+from kernels.selective_scan import selective_scan, selective_scan_step
+
+__all__ = [
+    "flash_attention",
+    "linear_attention",
+    "linear_attention_step",
+    "selective_scan",
+    "selective_scan_step",
+]
