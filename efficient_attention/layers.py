@@ -62,6 +62,25 @@ def output_projection(config: AttentionConfig, width: int, *, dtype: Any, param_
   )
 
 
+class HeadAttention(nnx.Module):
+  """Base of the mixers shaped x -> per-head q, k, v -> `attend` -> output projection.
+
+  Subclasses implement `attend(x, q, k, v, mask) -> [B, T, H, D]`; the projections live here so every such
+  mixer has the same parameter names (`qkv`, `out`).
+  """
+
+  def __init__(self, config: AttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.config = config
+    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    mask = check_padding_mask(mask, x)
+    q, k, v = self.qkv(x)
+    y = self.attend(x, q, k, v, mask)
+    return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1))
+
+
 def check_padding_mask(mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
   """Validates a padding mask: bool [B, T], True at real tokens. Returns it as bool (or None)."""
   if mask is None:

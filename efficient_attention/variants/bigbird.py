@@ -7,16 +7,14 @@ element-causal mask inside block i. Memory O(T * (sliding + global + random) * b
 """
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_attention.blocked_attention import blocked_attention, rows_attention
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_count
 
@@ -121,20 +119,12 @@ def bigbird_attention(
 
 
 @register(BigBirdConfig)
-class BigBird(nnx.Module):
+class BigBird(HeadAttention):
   """Multi-head BigBird attention (ITC): sliding + global + random key blocks."""
 
-  def __init__(self, config: BigBirdConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    q, k, v = self.qkv(x)
+  def attend(self, x, q, k, v, mask):
     cfg = self.config
-    y = bigbird_attention(
+    return bigbird_attention(
         q, k, v, layout=bigbird_block_layout(cfg, x.shape[1]), block_size=cfg.block_size,
         num_global_blocks=cfg.num_global_blocks, causal=cfg.causal, key_mask=mask,
     )
-    return self.out(y.reshape(*x.shape[:2], -1))

@@ -1,14 +1,12 @@
 """Full softmax attention (MHA / GQA / MQA), causal or bidirectional, with a padding mask."""
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice
 from kernels.flash_attention import flash_attention
@@ -92,16 +90,8 @@ def flash_with_padding_mask(
 
 @register(FlashAttentionConfig)
 @register(FullAttentionConfig)
-class FullAttention(nnx.Module):
+class FullAttention(HeadAttention):
   """Multi-head softmax attention: y = softmax(q k^T / sqrt(D)) v, projected back to the model width."""
 
-  def __init__(self, config: FullAttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    q, k, v = self.qkv(x)
-    y = softmax_attention(q, k, v, causal=self.config.causal, key_mask=mask, impl=self.config.impl)
-    return self.out(y.reshape(*x.shape[:2], -1))
+  def attend(self, x, q, k, v, mask):
+    return softmax_attention(q, k, v, causal=self.config.causal, key_mask=mask, impl=self.config.impl)

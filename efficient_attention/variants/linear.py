@@ -8,14 +8,12 @@ Bidirectional: the two sums are global, O(T) as well. No T x T matrix is formed 
 """
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_positive
 from kernels.linear_attention import linear_attention
@@ -94,19 +92,11 @@ def feature_attention(
 
 
 @register(LinearAttentionConfig)
-class LinearAttention(nnx.Module):
+class LinearAttention(HeadAttention):
   """Multi-head linear attention with phi = elu + 1; rotary (if configured) acts on q, k before phi."""
 
-  def __init__(self, config: LinearAttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    q, k, v = self.qkv(x)
-    y = feature_attention(
+  def attend(self, x, q, k, v, mask):
+    return feature_attention(
         elu_features(q), elu_features(k), v, causal=self.config.causal, key_mask=mask,
         impl=self.config.impl, chunk_size=self.config.chunk_size,
     )
-    return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from efficient_attention.blocked_attention import ExtraKeys, band_attention, rows_attention
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention, QKVProjection
 from efficient_attention.registry import register
 from efficient_attention.validation import check_count
 
@@ -137,24 +137,20 @@ def longformer_attention(
 
 
 @register(LongformerConfig)
-class Longformer(nnx.Module):
+class Longformer(HeadAttention):
   """Multi-head Longformer attention: dilated sliding windows plus symmetric global tokens."""
 
   def __init__(self, config: LongformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    super().__init__(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The paper's separate Q_g, K_g, V_g for global attention.
     self.global_qkv = (
         QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if config.separate_global_projections else None
     )
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    q, k, v = self.qkv(x)
+  def attend(self, x, q, k, v, mask):
     cfg = self.config
-    y = longformer_attention(
+    return longformer_attention(
         q, k, v, window=cfg.window, dilations=cfg.head_dilations(), global_tokens=cfg.global_tokens,
         causal=cfg.causal, key_mask=mask, global_qkv=None if self.global_qkv is None else self.global_qkv(x),
     )
-    return self.out(y.reshape(*x.shape[:2], -1))

@@ -4,15 +4,13 @@ Both run blockwise (efficient_attention.blocked_attention): memory O(T * w), nev
 """
 
 import dataclasses
-from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from efficient_attention.blocked_attention import band_attention
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_count
 from efficient_attention.variants.full import flash_with_padding_mask
@@ -91,22 +89,11 @@ local_pattern = band_pattern
 
 @register(LocalConfig)
 @register(SlidingWindowConfig)
-class BandAttention(nnx.Module):
+class BandAttention(HeadAttention):
   """Multi-head softmax attention restricted to a window of keys around each query."""
 
-  def __init__(
-      self, config: SlidingWindowConfig | LocalConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-  ):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    q, k, v = self.qkv(x)
+  def attend(self, x, q, k, v, mask):
     lo, hi = self.config.band()
     if self.config.impl == "pallas":
-      y = flash_with_padding_mask(q, k, v, causal=self.config.causal, key_mask=mask, window=(-lo, hi))
-    else:
-      y = band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)
-    return self.out(y.reshape(*x.shape[:2], -1))
+      return flash_with_padding_mask(q, k, v, causal=self.config.causal, key_mask=mask, window=(-lo, hi))
+    return band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)

@@ -8,7 +8,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.flash_attention import pallas_gpu
-from kernels.flash_attention.masking import Window
 from kernels.flash_attention.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
