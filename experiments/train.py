@@ -1,0 +1,136 @@
+r"""Trains a decoder with any registered sequence mixer on a long-range task.
+
+  python -m experiments.train --variant=performer
+  python -m experiments.train --task=listops --variant=linformer --config.model.num_layers=4
+  python -m experiments.train --config=path/to/my_config.py --workdir=/tmp/run1
+
+With no flags it trains on a small ListOps (experiments/configs/listops_small.py) in a few minutes on a
+CPU. Rerunning a command resumes from the newest checkpoint in its --workdir (default
+./workdir/<config name>-<variant>-s<seed>, e.g. workdir/listops_small-performer-s0); a finished run
+is evaluated again.
+"""
+
+import logging as std_logging
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from efficient_attention import variant_names
+from experiments import configs
+from experiments.trainer import NonFiniteLossError, train_and_evaluate
+
+DEFAULT_TASK = "listops_small"
+
+
+def _default_config(argv: list[str]) -> str:
+  """experiments/configs/<task>.py for the --task in argv.
+
+  config_flags loads the --config default while flags are being defined, before --task is parsed,
+  so the task is read from argv the same way config_flags reads its overrides. An unknown task
+  falls back to the default one here; main() then rejects it with the list of tasks.
+  """
+  task = DEFAULT_TASK
+  for i, arg in enumerate(argv):
+    if arg.startswith("--task="):
+      task = arg.split("=", 1)[1]
+    elif arg == "--task" and i + 1 < len(argv):
+      task = argv[i + 1]
+  return str(configs.config_path(task if task in configs.config_names() else DEFAULT_TASK))
+
+
+def _unknown_override(error: Exception) -> str:
+  """The message of a --config.* override naming no field ("'num_layer' Did you mean "num_layers"...")."""
+  while error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]
+  text = " ".join(str(error.args[0] if error.args else error).split())
+  return f"error: a --config override names no field of the config: {text}"
+
+
+_TASK = flags.DEFINE_string(
+    "task", DEFAULT_TASK, f"Task config in experiments/configs/: one of {', '.join(configs.config_names())}."
+)
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config",
+      _default_config(sys.argv),
+      "Config file with get_config(); default: experiments/configs/<task>.py. Override fields with "
+      "--config.<section>.<field>=value, e.g. --config.model.num_layers=4.",
+  )
+except (AttributeError, KeyError) as error:
+  # The default config and its --config.* overrides are parsed right here, at definition; an override
+  # naming no field of the config fails before absl could report it.
+  sys.exit(_unknown_override(error))
+_VARIANT = flags.DEFINE_string(
+    "variant", None, f"Sequence mixer, overriding config.model.variant: one of {', '.join(variant_names())}."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Output directory (metrics, checkpoints, config); default ./workdir/<config name>-<variant>-s<seed>.",
+)
+_SEED = flags.DEFINE_integer("seed", None, "Overrides config.seed (parameters, dropout and data order).")
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir without training.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0; calls jax.distributed.initialize."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+
+
+def _run_name(config) -> str:
+  """<config>-<variant>-s<seed>, where <config> is the config file's name (and its argument, if any)."""
+  path, _, argument = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+  source = "-".join(filter(None, (Path(path).stem, argument)))
+  model = config.model.layer_pattern.replace(",", "+") or config.model.variant
+  return f"{source}-{model}-s{config.seed}"
+
+
+def _quiet_orbax() -> None:
+  """Drops orbax's per-save INFO records (dozens per checkpoint), keeping its warnings and errors."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
+  )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    sys.exit(_unknown_override(error))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _TASK.value not in configs.config_names():
+    raise app.UsageError(f"--task={_TASK.value!r} is not valid; choose one of {', '.join(configs.config_names())}")
+  if _VARIANT.value is not None and _VARIANT.value not in variant_names():
+    raise app.UsageError(f"--variant={_VARIANT.value!r} is not valid; choose one of {', '.join(variant_names())}")
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+  _quiet_orbax()
+  config = _CONFIG.value
+  with config.unlocked():
+    if _VARIANT.value is not None:
+      config.model.variant = _VARIANT.value
+    if _SEED.value is not None:
+      config.seed = _SEED.value
+  workdir = _WORKDIR.value or f"workdir/{_run_name(config)}"
+  logging.info("workdir: %s", workdir)
+  try:
+    results = train_and_evaluate(config, workdir, eval_only=_EVAL_ONLY.value)
+  except (ValueError, NonFiniteLossError) as error:
+    logging.debug("stopped", exc_info=True)
+    raise SystemExit(f"error: {error}") from None
+  print(f"final metrics at step {results['step']} ({workdir}):")
+  for split in ("valid", "test"):
+    print(f"  {split}: " + " ".join(f"{name}={value:.4f}" for name, value in results[split].items()))
+  if "majority_baseline_accuracy" in results:
+    print(f"  majority-class baseline accuracy: {results['majority_baseline_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
