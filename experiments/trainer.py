@@ -51,13 +51,23 @@ def _sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Ar
 
 
 @nnx.jit
-def train_step(model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], dropout_key: jax.Array):
-  """One AdamW step on the batch's mean loss -> weighted sums, the gradient norm and the updated parameters' norm."""
+def train_step(
+    model: Decoder, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], dropout_key: jax.Array,
+    aux_loss_weight: float | jax.Array = 1.0,
+):
+  """One AdamW step on the batch's mean loss -> weighted sums, the gradient norm and the updated parameters' norm.
+
+  Auxiliary losses that mixers sow as nnx.Intermediate (the compressive memory's reconstruction loss, which
+  trains its compression network) are added with `aux_loss_weight` and reported as "aux_loss".
+  """
   nnx.reseed(model, dropout=dropout_key)
 
   def loss_fn(model):
-    sums = _sums(model(batch["inputs"], mask=batch["mask"]), batch)
-    return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums
+    logits, sown = nnx.capture(model, nnx.Intermediate)(batch["inputs"], mask=batch["mask"])
+    sums = _sums(logits, batch)
+    aux = sum((jnp.sum(leaf) for leaf in jax.tree.leaves(sown)), jnp.float32(0.0))
+    sums["aux_loss"] = aux
+    return sums["loss"] / jnp.maximum(sums["weight"], 1.0) + aux_loss_weight * aux, sums
 
   grads, sums = nnx.grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
@@ -148,12 +158,13 @@ class _TrainLog:
     values = jax.device_get([metrics for _, metrics in self.pending])
     self.pending = []
     for step, metrics in zip(steps, values):
-      checked = ("loss", "grad_norm", "param_norm")
+      checked = ("loss", "aux_loss", "grad_norm", "param_norm")
       if not all(np.isfinite(metrics[key]) for key in checked):
         raise NonFiniteLossError(f"step {step} (" + ", ".join(f"{key} {float(metrics[key])}" for key in checked) + ")")
     elapsed, self._since = time.perf_counter() - self._since, time.perf_counter()
     totals = {key: sum(float(m[key]) for m in values) for key in ("loss", "correct", "weight")}
     summary = summarize(totals, self.task)
+    summary["aux_loss"] = float(np.mean([m["aux_loss"] for m in values]))
     summary["grad_norm"] = float(np.mean([m["grad_norm"] for m in values]))
     summary["param_norm"] = float(values[-1]["param_norm"])
     summary["steps_per_sec"] = len(values) / elapsed
@@ -256,7 +267,7 @@ def _train_loop(config, task, model, optimizer, schedule, mesh, checkpoints, wri
   try:
     while step < train.num_steps:
       batch = shard_batch(next(stream), mesh)
-      metrics = step_fn(batch, jax.random.fold_in(dropout_base, step))
+      metrics = step_fn(batch, jax.random.fold_in(dropout_base, step), config.aux_loss_weight)
       step += 1
       log.add(step, metrics)
       done = step == train.num_steps

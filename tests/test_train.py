@@ -9,15 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from efficient_attention import config_class, variant_names
+from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
 from experiments.checkpoint import Checkpointer
 from experiments.configs import listops_small
 from experiments.metrics import read_metrics
-from experiments.trainer import NonFiniteLossError, train_and_evaluate
+from experiments.trainer import NonFiniteLossError, train_and_evaluate, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,3 +225,27 @@ def test_data_parallel_runs_match_one_device(tmp_path, cache_dir):
   for split in ("valid", "test"):
     for run in (report["results"], distributed):
       np.testing.assert_allclose(run[split]["loss"], single[split]["loss"], rtol=1e-4)
+
+
+def test_compressive_reconstruction_loss_trains_the_compressor():
+  """The sown attention-reconstruction loss reaches the training step and trains the compressor."""
+  config = DecoderConfig(
+      vocab_size=11, width=32, num_layers=1, variant="compressive", head="classifier", num_classes=3,
+      mixer_options={"compressive": dict(segment_length=4, memory_length=4, compressed_memory_length=4,
+                                         compression_rate=2, sow_compression_loss=True)},
+  )
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 11)
+  batch = {"inputs": tokens, "mask": jnp.ones((2, 16), bool), "targets": jnp.array([0, 1]),
+           "weights": jnp.ones((2,))}
+  compressor = lambda: jax.tree.map(jnp.copy, nnx.state(model.blocks[0].mixer.compressor, nnx.Param))
+  before = compressor()
+  without = train_step(model, optimizer, batch, jax.random.key(1), 0.0)
+  assert float(without["aux_loss"]) > 0
+  unchanged = compressor()
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(unchanged)):
+    assert bool(jnp.all(a == b)), "with weight 0 the task loss alone must not move the compressor"
+  train_step(model, optimizer, batch, jax.random.key(1), 1.0)
+  moved = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(unchanged), jax.tree.leaves(compressor())))
+  assert moved, "the reconstruction loss must train the compression network"

@@ -27,6 +27,10 @@ def mixer_options() -> ml_collections.ConfigDict:
       if isinstance(default, (bool, int, float, str, tuple)):
         fields[field.name] = default
     options[name] = fields
+  if "compressive" in options:
+    # The compression network learns only from the paper's attention-reconstruction loss, which the
+    # training step collects from what the layers sow (experiments/trainer.py).
+    options.compressive.sow_compression_loss = True
   return options
 
 
@@ -34,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seeds parameters, dropout and the training order (task generators have their own task.seed).
   config.seed = 0
+  # Weight of auxiliary losses the mixers sow (the compressive memory's attention reconstruction).
+  config.aux_loss_weight = 1.0
   # Where generated tasks are cached; "" means $EFFICIENT_ATTENTION_CACHE or ~/.cache/efficient_attention/tasks.
   config.cache_dir = ""
 
