@@ -17,8 +17,8 @@ IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FullAttentionConfig(AttentionConfig):
   variant = "full"
-  # "xla": jnp softmax attention (the reference). "cudnn": cuDNN fused attention (NVIDIA GPUs).
-  # "pallas": the Pallas flash-attention kernel (kernels.flash_attention; right padding only).
+  # "xla": jnp softmax attention (the reference). "cudnn": cuDNN fused attention (NVIDIA GPUs; right
+  # padding only). "pallas": the Pallas flash-attention kernel (kernels.flash_attention; right padding only).
   impl: str = "xla"
 
   def __post_init__(self):
@@ -46,8 +46,8 @@ def softmax_attention(
   """q [B, T, H, D], k/v [B, S, Hkv, D], key_mask bool [B, S] -> [B, T, H, D].
 
   GQA never repeats K/V. Causal masking is aligned to the end when T != S (the last query sees every key),
-  as in decoding. impl="pallas" takes padding as lengths, so key_mask must be right padding there (a row
-  with a hole in its mask comes out as NaN rather than silently wrong).
+  as in decoding. impl="pallas" and impl="cudnn" (with T == S) take padding as lengths, so key_mask must be
+  right padding there (a row with a hole in its mask comes out as NaN rather than silently wrong).
   """
   if impl == "pallas":
     return flash_with_padding_mask(q, k, v, causal=causal, key_mask=key_mask)
