@@ -23,7 +23,7 @@
 #    measured on whatever device JAX runs on, on log-log axes next to O(n^2) and O(n) slopes.
 #
 # How long it takes: about 15 minutes on a 2-core CPU at the default sizes (measured: 17.5 minutes while the
-# machine also ran the test suite), mostly XLA compiling one program per variant and length.
+# machine also ran the test suite), mostly XLA compiling one program per variant and length (not yet timed on a GPU).
 # Set `NOTEBOOK_SMALL=1` in the environment for the tiny sizes the test suite runs (well under a minute).
 
 # %%
