@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_positive
 from efficient_attention.variants.full import softmax_attention
@@ -60,31 +60,26 @@ class SequenceProjection(nnx.Module):
 
 
 @register(LinformerConfig)
-class Linformer(nnx.Module):
+class Linformer(HeadAttention):
   """Multi-head attention over sequence-projected keys and values (MHA/GQA/MQA)."""
 
   def __init__(self, config: LinformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    super().__init__(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     project = lambda: SequenceProjection(
         config.projected_length, config.max_len, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
     self.key_projection = project()
     self.value_projection = self.key_projection if config.share_kv_projection else project()
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
-    b, t, _ = x.shape
+  def attend(self, x, q, k, v, mask):
+    t = x.shape[1]
     if t > self.config.max_len:
       raise ValueError(
           f"sequence length T={t} is not valid for max_len={self.config.max_len}; the projections cover "
           f"at most max_len positions (build the mixer with max_len >= {t})"
       )
-    q, k, v = self.qkv(x)
     if mask is not None:
       # Zeroed rows add nothing to the projections, so padding cannot reach the projected keys/values.
       k = jnp.where(mask[:, :, None, None], k, 0)
       v = jnp.where(mask[:, :, None, None], v, 0)
-    y = softmax_attention(q, self.key_projection(k), self.value_projection(v), causal=False)
-    return self.out(y.reshape(b, t, -1))
+    return softmax_attention(q, self.key_projection(k), self.value_projection(v), causal=False)

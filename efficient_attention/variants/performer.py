@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection
+from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_positive
 from efficient_attention.variants.linear import feature_attention
@@ -126,14 +126,12 @@ class RandomFeatures(nnx.Variable):
 
 
 @register(PerformerConfig)
-class Performer(nnx.Module):
+class Performer(HeadAttention):
   """Multi-head FAVOR+ attention (MHA/GQA/MQA); one feature matrix shared by all heads of the layer."""
 
   def __init__(self, config: PerformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.config = config
+    super().__init__(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.head_dim = config.head_dim_for(width)
-    self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.features = RandomFeatures(orthogonal_gaussian_features(rngs.params(), config.num_features, self.head_dim))
     # Training mode, as in nnx.Dropout; model.eval() (or nnx.view) sets it.
     self.deterministic = False
@@ -144,13 +142,10 @@ class Performer(nnx.Module):
     if deterministic is not None:
       self.deterministic = deterministic
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    mask = check_padding_mask(mask, x)
+  def attend(self, x, q, k, v, mask):
     if self.config.redraw_features and not self.deterministic:
       self.features[...] = orthogonal_gaussian_features(self.redraw_rngs(), self.config.num_features, self.head_dim)
-    q, k, v = self.qkv(x)
-    y = performer_attention(
+    return performer_attention(
         q, k, v, self.features[...], causal=self.config.causal, key_mask=mask, impl=self.config.impl,
         chunk_size=self.config.chunk_size,
     )
-    return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1))
