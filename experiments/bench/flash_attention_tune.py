@@ -53,7 +53,7 @@ def main(argv):
     for causal in (False, True):
       print(f"T={t} D={d} causal={causal}", flush=True)
       static = pallas_gpu._Static(
-          scale=d**-0.5 * pallas_gpu.LOG2_E, sm_scale=d**-0.5, causal=causal, window=None, offset=0,
+          sm_scale=d**-0.5, causal=causal, window=None, offset=0,
           has_kv_length=False, group=1, precision=None)
       inputs = []
       for seed in range(2):

@@ -118,7 +118,7 @@ def _pallas_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_si
   has_kv_length = kv_lengths is not None or s_pad != s
   lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), s)
   static = pallas_gpu._Static(
-      scale=sm_scale * pallas_gpu.LOG2_E, sm_scale=sm_scale, causal=causal, window=window, offset=s - t,
+      sm_scale=sm_scale, causal=causal, window=window, offset=s - t,
       has_kv_length=has_kv_length, group=h // hkv,
       precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
   )

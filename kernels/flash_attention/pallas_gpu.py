@@ -76,7 +76,6 @@ class BlockSizes:
 class _Static:
   """Everything the kernels specialise on."""
 
-  scale: float  # sm_scale * log2(e)
   sm_scale: float
   causal: bool
   window: Window
@@ -84,6 +83,11 @@ class _Static:
   has_kv_length: bool
   group: int  # query heads per key/value head
   precision: lax.Precision | None
+
+  @property
+  def scale(self) -> float:
+    """Logit scale in base 2: sm_scale * log2(e)."""
+    return self.sm_scale * LOG2_E
 
 
 def _dot(a, b, static: _Static, contract=((1,), (0,))):
