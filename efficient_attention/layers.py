@@ -88,26 +88,3 @@ def check_padding_mask(mask: jax.Array | None, x: jax.Array) -> jax.Array | None
   if mask.shape != x.shape[:2]:
     raise ValueError(f"mask.shape={mask.shape} is not valid; expected [B, T]={x.shape[:2]} (True at real tokens)")
   return mask.astype(bool)
-
-
-def repeat_groups(num_heads: int, num_kv_heads: int) -> int:
-  """Query heads per key/value head (GQA group size)."""
-  return num_heads // num_kv_heads
-
-
-def grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-  """Scores q [B, T, H, D] . k [B, S, Hkv, D] -> [B, H, T, S] in fp32 without repeating K per group."""
-  b, t, h, d = q.shape
-  hkv = k.shape[2]
-  qg = q.reshape(b, t, hkv, h // hkv, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  return s.reshape(b, h, t, k.shape[1])
-
-
-def grouped_values(p: jax.Array, v: jax.Array) -> jax.Array:
-  """Mixes v [B, S, Hkv, D] by weights p [B, H, T, S] -> [B, T, H, D] (fp32 accumulation)."""
-  b, h, t, s = p.shape
-  hkv, d = v.shape[2], v.shape[3]
-  pg = p.reshape(b, hkv, h // hkv, t, s)
-  o = jnp.einsum("bkgts,bskd->btkgd", pg.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o.reshape(b, t, h, d)

@@ -1,6 +1,5 @@
 """Numeric helpers shared by the tests."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,8 +15,3 @@ def assert_close(actual, expected, tol: float, what: str = "") -> None:
   """Fails with the measured error when relative RMS error exceeds tol (NaN always fails)."""
   err = relative_rms(actual, expected)
   assert np.isfinite(err) and err <= tol, f"{what} relative RMS error {err:.3g} > {tol:.3g}"
-
-
-def assert_tree_close(actual, expected, tol: float) -> None:
-  for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
-    assert_close(a, e, tol, jax.tree_util.keystr(path))
