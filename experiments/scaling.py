@@ -1,0 +1,249 @@
+"""Training-step time, tokens/s and device memory of every variant against sequence length.
+
+  python -m experiments.scaling --out_dir=benchmarks/results
+  python -m experiments.scaling --variants=full,flash,mamba --lengths=1024,4096,16384
+
+One fixed model (width, layers, heads from the flags; bf16 compute, fp32 parameters, AdamW) per variant, one
+sequence per step of random tokens with a next-token loss. Causal where the variant has a causal form, otherwise
+bidirectional (linformer, local): the step costs the same either way. For each variant the lengths run from short
+to long until one does not fit (out of device memory) or a step takes longer than --max_step_s; the rest of that
+variant's lengths are recorded as skipped, so the table shows where each variant hits its wall.
+
+Memory is the compiled step's own account (arguments + outputs + temporaries - donated aliases, from XLA's
+memory analysis): unlike the allocator's peak it is per program, so rows do not inherit earlier rows' peaks.
+Writes scaling.json, scaling.md and (with matplotlib) scaling.png.
+"""
+
+import dataclasses
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
+from experiments.bench.timing import environment, median_ms, write_results
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where scaling.{json,md,png} go.")
+_VARIANTS = flags.DEFINE_list("variants", [], "Variants to measure (default: every registered one).")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", [str(2**p) for p in range(10, 18)], "Sequence lengths, ascending (default 1K to 128K).")
+_WIDTH = flags.DEFINE_integer("width", 512, "Model width C.")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Residual blocks.")
+_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Sequences per step.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Token vocabulary (bytes).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
+_MAX_STEP_S = flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
+_OPTIONS = flags.DEFINE_multi_string(
+    "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
+
+# What each variant runs as on a GPU unless --option says otherwise: `full` stays on XLA to show the quadratic
+# wall the others are measured against; `flash` is the Pallas kernel by definition.
+GPU_DEFAULTS = {"full": {"impl": "xla"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  variant: str
+  seq_len: int
+  status: str  # "ok", "oom", "slow" (a shorter length already took longer than --max_step_s) or "error: ..."
+  step_ms: float | None = None
+  tokens_per_s: float | None = None
+  memory_gib: float | None = None
+
+
+def parse_options(specs: list[str]) -> dict[str, dict[str, object]]:
+  """["full.impl=cudnn", "performer.num_features=128"] -> {"full": {"impl": "cudnn"}, ...} with literal values."""
+  options: dict[str, dict[str, object]] = {}
+  for spec in specs:
+    name, sep, value = spec.partition("=")
+    variant, dot, field = name.partition(".")
+    if not sep or not dot:
+      raise ValueError(f"--option={spec!r} is not valid; expected variant.field=value, e.g. full.impl=cudnn")
+    options.setdefault(variant, {})[field] = _literal(value)
+  return options
+
+
+def _literal(text: str) -> object:
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def model_config(variant: str, seq_len: int, options: dict[str, object]) -> DecoderConfig:
+  return DecoderConfig(
+      vocab_size=_VOCAB.value, width=_WIDTH.value, num_layers=_LAYERS.value, num_heads=_HEADS.value,
+      variant=variant, mixer_options={variant: options} if options else (),
+      causal=config_class(variant).supports_causal, max_len=seq_len, dtype=_DTYPE.value, param_dtype="float32",
+  )
+
+
+def make_step(config: DecoderConfig):
+  """-> (jitted step(params, opt_state, rest, tokens) -> (params, opt_state, loss), params, opt_state, rest)."""
+  model = Decoder(config, rngs=nnx.Rngs(params=0, dropout=1))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = optax.adamw(1e-4)
+  opt_state = optimizer.init(params)
+
+  def loss_fn(params, rest, tokens):
+    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+  def step(params, opt_state, rest, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, rest
+
+
+def _program_bytes(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+          - analysis.alias_size_in_bytes)
+
+
+def _device_limit_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def _is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def measure(variant: str, seq_len: int, options: dict[str, object], iters: int, max_step_s: float) -> Row:
+  config = model_config(variant, seq_len, options)
+  step, params, opt_state, rest = make_step(config)
+  # +1: inputs are tokens[:, :-1] and targets tokens[:, 1:], so the model sees exactly seq_len positions.
+  tokens = [jax.random.randint(jax.random.key(i), (_BATCH.value, seq_len + 1), 0, _VOCAB.value) for i in range(3)]
+  compiled = step.lower(params, opt_state, rest, tokens[0]).compile()
+  memory = _program_bytes(compiled)
+  limit = _device_limit_bytes()
+  if memory is not None and limit is not None and memory > limit:
+    return Row(variant, seq_len, "oom", memory_gib=memory / 2**30)
+  state = {"params": params, "opt": opt_state}
+
+  def run(tokens):
+    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], rest, tokens)
+    return loss
+
+  start = time.perf_counter()
+  jax.block_until_ready(run(tokens[0]))
+  if time.perf_counter() - start > 3 * max_step_s:
+    iters = 1  # Already far past the limit: one more timed step says enough.
+  step_ms = median_ms(run, [(t,) for t in tokens], warmup=1, iters=iters)
+  return Row(variant, seq_len, "ok", step_ms, _BATCH.value * seq_len / (step_ms / 1e3),
+             None if memory is None else memory / 2**30)
+
+
+def scan_variant(
+    variant: str, lengths: list[int], options: dict[str, object], iters: int, max_step_s: float
+) -> list[Row]:
+  """Rows for ascending `lengths`, stopping at the first that does not fit or is too slow."""
+  rows: list[Row] = []
+  for i, seq_len in enumerate(lengths):
+    try:
+      row = measure(variant, seq_len, options, iters, max_step_s)
+    except Exception as error:  # noqa: BLE001 - one variant's failure must not end the sweep
+      if not _is_oom(error):
+        traceback.print_exc()
+      row = Row(variant, seq_len, "oom" if _is_oom(error) else f"error: {type(error).__name__}")
+    rows.append(row)
+    print(f"{variant:>15} T={seq_len:>7}: {row.status:>6} "
+          + (f"{row.step_ms:9.2f} ms {row.tokens_per_s:11.0f} tok/s" if row.step_ms else ""), flush=True)
+    too_slow = row.step_ms is not None and row.step_ms > 1e3 * max_step_s
+    if row.status != "ok" or too_slow:
+      rows.extend(Row(variant, t, "slow" if too_slow else "skipped") for t in lengths[i + 1:])
+      break
+  return rows
+
+
+def markdown(rows: list[Row], lengths: list[int], model: str) -> str:
+  """One table: variants down, lengths across, each cell 'step ms / memory'."""
+  header = f"Model: {model}.\n\n"
+  header += "| variant | " + " | ".join(f"T={t // 1024}K" if t >= 1024 else f"T={t}" for t in lengths) + " |"
+  lines = [header, "|---" * (len(lengths) + 1) + "|"]
+  for variant in dict.fromkeys(row.variant for row in rows):
+    cells = []
+    for t in lengths:
+      row = next((r for r in rows if r.variant == variant and r.seq_len == t), None)
+      if row is None:
+        cells.append("")
+      elif row.status == "ok":
+        cells.append(f"{row.step_ms:.1f} ms" + (f" / {_size(row.memory_gib)}" if row.memory_gib is not None else ""))
+      else:
+        cells.append(row.status)
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n\nCells: median training-step time / compiled step memory; oom = does not fit."
+
+
+def _size(gib: float) -> str:
+  return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"
+
+
+def plot(rows: list[Row], path: str) -> None:
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib not importable; no plot")
+    return
+  fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 5))
+  for variant in dict.fromkeys(row.variant for row in rows):
+    ok = [r for r in rows if r.variant == variant and r.status == "ok"]
+    if not ok:
+      continue
+    lengths = np.array([r.seq_len for r in ok])
+    ax_time.plot(lengths, [r.step_ms for r in ok], marker="o", label=variant)
+    if all(r.memory_gib is not None for r in ok):
+      ax_memory.plot(lengths, [r.memory_gib for r in ok], marker="o", label=variant)
+  for ax, label in ((ax_time, "training step (ms)"), (ax_memory, "step memory (GiB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  ax_time.legend(fontsize=8, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  names = _VARIANTS.value or list(variant_names())
+  for name in names:
+    if name not in variant_names():
+      raise ValueError(f"--variants entry {name!r} is not valid; choose from {', '.join(variant_names())}")
+  lengths = sorted(int(t) for t in _LENGTHS.value)
+  user_options = parse_options(_OPTIONS.value)
+  on_gpu = jax.default_backend() == "gpu"
+  rows: list[Row] = []
+  for name in names:
+    options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
+    rows.extend(scan_variant(name, lengths, options, _ITERS.value, _MAX_STEP_S.value))
+  model = (f"width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, batch {_BATCH.value}, "
+           f"{_DTYPE.value} compute, fp32 params, AdamW")
+  env = environment() | {"model": model, "options": user_options}
+  table = markdown(rows, lengths, model)
+  write_results(_OUT_DIR.value, "scaling", env, [dataclasses.asdict(r) for r in rows], table)
+  plot(rows, os.path.join(_OUT_DIR.value, "scaling.png"))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,43 @@
+"""experiments.scaling: the sweep stops at a variant's wall, and the script writes its results end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments import scaling
+
+
+def test_parse_options_reads_literals_and_rejects_malformed():
+  assert scaling.parse_options(["full.impl=cudnn", "performer.num_features=128", "linear.chunk_size=64"]) == {
+      "full": {"impl": "cudnn"}, "performer": {"num_features": 128}, "linear": {"chunk_size": 64}}
+  with pytest.raises(ValueError, match="variant.field=value"):
+    scaling.parse_options(["impl=cudnn"])
+
+
+def test_sweep_stops_after_the_first_length_that_does_not_fit(monkeypatch):
+  def fake_measure(variant, seq_len, options, iters, max_step_s):
+    if seq_len >= 4096:
+      return scaling.Row(variant, seq_len, "oom")
+    return scaling.Row(variant, seq_len, "ok", step_ms=seq_len / 1000, tokens_per_s=1e6, memory_gib=0.5)
+
+  monkeypatch.setattr(scaling, "measure", fake_measure)
+  rows = scaling.scan_variant("full", [1024, 2048, 4096, 8192, 16384], {}, iters=1, max_step_s=5.0)
+  assert [r.status for r in rows] == ["ok", "ok", "oom", "skipped", "skipped"]
+  table = scaling.markdown(rows, [1024, 2048, 4096, 8192, 16384], "tiny")
+  assert "| full | 1.0 ms / 512 MiB | 2.0 ms / 512 MiB | oom | skipped | skipped |" in table
+  rows = scaling.scan_variant("full", [1024, 2048, 3072], {}, iters=1, max_step_s=1.5e-3)
+  assert [r.status for r in rows] == ["ok", "ok", "slow"]
+
+
+def test_script_writes_json_markdown_and_plot(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.scaling", "--variants=full,mamba", "--lengths=16,32", "--width=32",
+         "--num_layers=1", "--num_heads=2", "--iters=2", f"--out_dir={tmp_path}"]
+  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+  results = json.loads((tmp_path / "scaling.json").read_text())
+  assert results["environment"]["device"]
+  rows = {(r["variant"], r["seq_len"]): r for r in results["rows"]}
+  assert set(rows) == {("full", 16), ("full", 32), ("mamba", 16), ("mamba", 32)}
+  assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
+  assert "| mamba |" in (tmp_path / "scaling.md").read_text()
