@@ -6,11 +6,13 @@ once every file is written, so a process killed mid-save leaves a temporary dire
 restored.
 """
 
+import logging as std_logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 # Everything but the RNG streams: dropout keys are re-derived from (seed, step) at every step, so a
@@ -54,3 +56,10 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def quiet_orbax_logs() -> None:
+  """Drops orbax's per-save INFO records (dozens per checkpoint), keeping its warnings and errors."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
+  )

@@ -10,7 +10,6 @@ CPU. Rerunning a command resumes from the newest checkpoint in its --workdir (de
 is evaluated again.
 """
 
-import logging as std_logging
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 
 from efficient_attention import variant_names
 from experiments import configs
+from experiments.checkpoint import quiet_orbax_logs
 from experiments.trainer import NonFiniteLossError, train_and_evaluate
 
 DEFAULT_TASK = "listops_small"
@@ -87,13 +87,6 @@ def _run_name(config) -> str:
   return f"{source}-{model}-s{config.seed}"
 
 
-def _quiet_orbax() -> None:
-  """Drops orbax's per-save INFO records (dozens per checkpoint), keeping its warnings and errors."""
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
-  )
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
@@ -111,7 +104,7 @@ def main(argv):
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-  _quiet_orbax()
+  quiet_orbax_logs()
   config = _CONFIG.value
   with config.unlocked():
     if _VARIANT.value is not None:

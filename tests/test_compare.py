@@ -1,0 +1,47 @@
+"""experiments.compare: config overrides, the accuracy table, and a trained run re-evaluated at other lengths."""
+
+import pytest
+
+from experiments import compare
+
+
+def test_overrides_parse_and_reject_unknown_fields():
+  config = compare.load_config("listops_small")
+  path, value = compare.parse_assignment("train.num_steps=7", "set")
+  compare.assign(config, path, compare.literal(value))
+  assert config.train.num_steps == 7
+  with pytest.raises(ValueError, match="section.field=value"):
+    compare.parse_assignment("num_steps=7", "set")
+  with pytest.raises(ValueError, match="train.num_step"):
+    compare.assign(config, ["train", "num_step"], 7)
+  with pytest.raises(ValueError, match="--task='nope' is not valid"):
+    compare.load_config("nope")
+
+
+def test_table_has_mean_and_spread_over_seeds_and_the_published_numbers():
+  runs = [
+      compare.Run("full", 0, None, "ok", 10, 0.36),
+      compare.Run("full", 1, None, "ok", 10, 0.38),
+      compare.Run("performer", 0, None, "error: diverged"),
+  ]
+  table = compare.markdown("listops", runs, "", [])
+  assert "| full | 2/2 | 37.00 ± 1.41 | 36.37 |" in table
+  assert "| performer | 0/1 | failed | 18.01 |" in table
+  assert "| S4 (Gu et al., 2022) |  |  | 59.60 |" in table
+  assert "- performer seed 0: error: diverged" in table
+
+
+def test_trained_model_is_evaluated_at_other_lengths(tmp_path):
+  config = compare.load_config("induction_heads")
+  for field, value in {"num_train": 64, "num_valid": 16, "num_test": 16, "train_seq_len": 16, "test_seq_len": 16}.items():
+    config.task[field] = value
+  config.train.num_steps = 4
+  config.train.eval_every = 4
+  config.train.batch_size = 8
+  config.cache_dir = str(tmp_path / "cache")
+  run = compare.run_one(config, tmp_path / "run", "full", 0, None, [16, 32])
+  assert run.status == "ok" and run.step == 4
+  assert set(run.length_accuracy) == {16, 32}
+  assert all(0.0 <= accuracy <= 1.0 for accuracy in run.length_accuracy.values())
+  # The same length as the run's own test split gives the run's own test accuracy.
+  assert run.length_accuracy[16] == pytest.approx(run.test_accuracy)
