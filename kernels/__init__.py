@@ -4,11 +4,14 @@ The public ops are re-exported here under their subpackage names, so `kernels.fl
 function; reach an op's modules with `from kernels.flash_attention import reference`.
 """
 
+from kernels.block_sparse import BlockMask, block_sparse_attention
 from kernels.flash_attention import flash_attention
 from kernels.linear_attention import linear_attention, linear_attention_step
 from kernels.selective_scan import selective_scan, selective_scan_step
 
 __all__ = [
+    "BlockMask",
+    "block_sparse_attention",
     "flash_attention",
     "linear_attention",
     "linear_attention_step",

@@ -1,15 +1,20 @@
-"""Public linear-attention ops: validate arguments, pick an implementation.
+"""Public linear-attention ops: validate arguments, pick an implementation, wire the Pallas kernels' VJP.
 
-Gradients come from autodiff of the reference until a Pallas kernel with its own backward lands.
+impl="xla" differentiates the reference by autodiff; impl="pallas" has its own backward kernels.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from kernels.linear_attention import reference
+from kernels.linear_attention import pallas_gpu, reference
 
-# "xla": the chunked jnp reference. "auto": the fastest available for the platform, today the reference.
-IMPLEMENTATIONS = ("xla", "auto")
+# "xla": the chunked jnp reference. "pallas": the Pallas kernels (interpret mode off GPU).
+# "auto": the Pallas kernels on GPU, the reference elsewhere (and wherever the kernels decline the inputs).
+IMPLEMENTATIONS = ("xla", "auto", "pallas")
+_PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -70,6 +75,7 @@ def linear_attention(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_sizes: pallas_gpu.BlockSizes | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Causal linear attention with an optional data-dependent decay, as a prefix scan.
 
@@ -82,8 +88,12 @@ def linear_attention(
       (one per key channel, RWKV-6-style); log space, every entry <= 0.
     initial_state: optional [B, H, K, V] float32; zeros when None.
     return_final_state: also return the state after the last token, [B, H, K, V] float32.
-    impl: one of IMPLEMENTATIONS.
+    impl: one of IMPLEMENTATIONS: "xla" (reference), "pallas" (kernels; interpret mode off GPU), "auto"
+      (Pallas on GPU, the reference elsewhere or for inputs the kernels do not take).
     chunk_size: tokens per chunk of the reference; see `reference.linear_attention_chunked` for memory.
+    block_sizes: chunk and tiles of the Pallas kernels (default `pallas_gpu.BlockSizes.get_default`).
+      Differentiated, the Pallas path keeps the state entering every chunk of C tokens for the backward,
+      [B, H, T / C, K, V] in the input dtype (as large as q when C = V); the reference keeps more.
 
   Returns:
     o [B, T, H, V] in v.dtype, or (o, final_state) if return_final_state.
@@ -95,10 +105,89 @@ def linear_attention(
     raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
-  o, state = reference.linear_attention_chunked(
-      q, k, v, decay=decay, initial_state=initial_state, chunk_size=chunk_size
-  )
+  if impl == "auto":
+    impl = "pallas" if _on_gpu() else "xla"
+    if impl == "pallas" and not _pallas_supports(q, v, decay):
+      impl = "xla"
+  if impl == "pallas":
+    o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not _on_gpu())
+  else:
+    o, state = reference.linear_attention_chunked(
+        q, k, v, decay=decay, initial_state=initial_state, chunk_size=chunk_size
+    )
   return (o, state) if return_final_state else o
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _pallas_supports(q, v, decay) -> bool:
+  dtypes = [q.dtype, v.dtype] + ([] if decay is None else [decay.dtype])
+  return all(dtype in _PALLAS_DTYPES for dtype in dtypes)
+
+
+def _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, *, interpret):
+  """Pads to the kernels' layout (T a multiple of the chunk, K and V powers of two >= 16) and back.
+
+  Padding is exact: zero key/query channels add nothing to q.k, zero value channels are sliced off, and
+  the padded tokens (k = v = 0, decay 0) leave the state unchanged.
+  """
+  if not _pallas_supports(q, v, decay):
+    raise NotImplementedError(
+        f"impl='pallas' takes float32, bfloat16 or float16; got q.dtype={q.dtype}, v.dtype={v.dtype}"
+        + ("" if decay is None else f", decay.dtype={decay.dtype}")
+    )
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  k_pad, v_pad = max(16, pl.next_power_of_2(dk)), max(16, pl.next_power_of_2(dv))
+  kind = "none" if decay is None else ("head" if decay.ndim == 3 else "channel")
+  blocks = block_sizes or pallas_gpu.BlockSizes.get_default(kind, b * h, k_pad, v_pad)
+  blocks = blocks.fitted(t, k_pad, v_pad)
+  t_pad = -(-t // blocks.chunk) * blocks.chunk
+  dtype = jnp.result_type(q.dtype, v.dtype)
+
+  def pad(x, width):  # [B, T, H(, X)] -> [B, t_pad, H(, width)], zeros appended
+    widths = [(0, 0), (0, t_pad - t), (0, 0)] + ([(0, width - x.shape[3])] if x.ndim == 4 else [])
+    return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+  state = jnp.zeros((b, h, k_pad, v_pad), jnp.float32) if initial_state is None else jnp.pad(
+      initial_state, ((0, 0), (0, 0), (0, k_pad - dk), (0, v_pad - dv)))
+  g = None if decay is None else pad(decay.astype(jnp.float32), k_pad)
+  static = pallas_gpu.Static(decay=kind, chunk=blocks.chunk, block_k=blocks.block_k, dtype=jnp.dtype(dtype))
+  o, final = _scan(pad(q.astype(dtype), k_pad), pad(k.astype(dtype), k_pad), pad(v.astype(dtype), v_pad), g,
+                   state, static, blocks, interpret)
+  return o[:, :t, :, :dv].astype(v.dtype), final[:, :, :dk, :dv]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _scan(q, k, v, g, initial_state, static, blocks, interpret):
+  """Padded inputs, g the raw log decay (fp32) or None -> (o, final state)."""
+  b = None if g is None else pallas_gpu.chunk_cumsum(g, static.chunk)
+  o, final = pallas_gpu.forward(q, k, v, b, initial_state, st=static, blocks=blocks, interpret=interpret)
+  return o, final
+
+
+def _scan_fwd(q, k, v, g, initial_state, static, blocks, interpret):
+  b = None if g is None else pallas_gpu.chunk_cumsum(g, static.chunk)
+  o, final, states = pallas_gpu.forward(q, k, v, b, initial_state, st=static, blocks=blocks, interpret=interpret,
+                                        store_states=True)
+  return (o, final), (q, k, v, b, states, final)
+
+
+def _scan_bwd(static, blocks, interpret, residuals, cotangents):
+  q, k, v, b, states, final = residuals
+  do, dfinal = cotangents
+  dq, dk, dv, dinitial = pallas_gpu.backward(
+      q, k, v, b, states, do.astype(static.dtype), dfinal, st=static, blocks=blocks, interpret=interpret
+  )
+  dg = None
+  if b is not None:
+    dg = pallas_gpu.decay_gradient(q, k, dq, dk, final, dfinal, per_head=b.ndim == 3)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv, dg, dinitial
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def linear_attention_step(

@@ -1,0 +1,200 @@
+"""Block-sparse attention benchmark: sliding windows and BigBird against dense flash, cuDNN and FlexAttention.
+
+  python -m experiments.bench.block_sparse --out_dir=benchmarks/results
+
+Rows: bf16, B=1, H=16, D=128, T in {8K, 16K, 32K}; causal sliding windows of 256/1024/4096 keys and a
+bidirectional BigBird (128-position blocks, 3 sliding, 1 global, 3 random). FLOPs as FlashAttention counts them
+(forward 4*B*H*T*S*D, backward 2.5x forward), for sparse masks over attended pairs only; "block TFLOP/s" counts
+every element of the non-empty tiles (the work the kernel does), and the issue's bar is block TFLOP/s >= 0.8x our
+dense flash TFLOP/s (kernels.flash_attention, impl="pallas", non-causal) at the same T. Peers in the same process:
+cuDNN sliding window (`jax.nn.dot_product_attention(local_window_size=...)`) and PyTorch FlexAttention when torch
+is importable. Results are rewritten after every row, so a run cut short still leaves the rows it finished.
+"""
+
+import os
+
+# JAX would otherwise take 75% of the GPU up front and leave PyTorch (FlexAttention) nothing.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
+from kernels.block_sparse import bigbird, block_sparse_attention, local  # noqa: E402
+from kernels.block_sparse.mask import bigbird_block_layout  # noqa: E402
+from kernels.flash_attention import flash_attention  # noqa: E402
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "16384", "32768"], "Sequence lengths T (= S).")
+_PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "sliding-4096", "bigbird"],
+                              "Sparse patterns to time.")
+_IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "flex"], "Sparse implementations to time (besides dense flash).")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
+_B, _H, _D = 1, 16, 128
+_BIGBIRD = dict(block_size=128, num_sliding_blocks=3, num_global_blocks=1, num_random_blocks=3, seed=0, causal=False)
+
+
+def _window(pattern: str) -> int | None:
+  return int(pattern.split("-")[1]) if pattern.startswith("sliding-") else None
+
+
+def _mask(pattern: str, t: int):
+  window = _window(pattern)
+  tiles = dict(block_q=_TILE.value, block_k=_TILE.value)
+  return local(t, window, **tiles) if window is not None else bigbird(t, **_BIGBIRD, **tiles)
+
+
+def _input_sets(t, count=2):
+  sets = []
+  for seed in range(count):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    sets.append(tuple(jax.random.normal(key, (_B, t, _H, _D), jnp.bfloat16) for key in keys))
+  return sets
+
+
+def _measure_jax(attention, inputs, iters):
+  """(fwd ms, fwd+bwd ms) of attention(q, k, v) -> o."""
+  fwd = jax.jit(lambda q, k, v, do: attention(q, k, v))
+
+  def loss(q, k, v, do):
+    return jnp.sum(attention(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return median_ms(fwd, inputs, iters=iters), median_ms(fwd_bwd, inputs, iters=iters)
+
+
+def _flex():
+  """(torch, flex_attention, create_block_mask) or None when PyTorch with a GPU is not importable."""
+  # Imported after JAX has started its GPU backend (main calls environment() first), so JAX loads its own
+  # CUDA libraries (cuDNN above all) and PyTorch shares them rather than the other way round.
+  try:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+  except Exception as e:  # ImportError, or a CUDA library clash: the peer is skipped, the run goes on
+    print(f"torch (FlexAttention) not importable ({type(e).__name__}: {e}); skipped")
+    return None
+  if not torch.cuda.is_available():
+    print("torch sees no GPU; FlexAttention skipped")
+    return None
+  return torch, torch.compile(flex_attention), create_block_mask
+
+
+def _measure_flex(flex, pattern, t, iters):
+  torch, attention, create_block_mask = flex
+  window = _window(pattern)
+  if window is not None:
+    mask_mod = lambda b, h, q, k: (q >= k) & (q - k < window)
+  else:
+    layout = torch.as_tensor(bigbird_block_layout(t // _BIGBIRD["block_size"], **{
+        k: v for k, v in _BIGBIRD.items() if k != "block_size"}), device="cuda")
+    size = _BIGBIRD["block_size"]
+    mask_mod = lambda b, h, q, k: layout[q // size, k // size]
+  block_mask = create_block_mask(mask_mod, None, None, t, t, device="cuda")
+  sets = [tuple(torch.randn(_B, _H, t, _D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
+                for i in range(4)) for _ in range(2)]
+
+  def fwd(q, k, v, do):
+    with torch.no_grad():
+      return attention(q, k, v, block_mask=block_mask)
+
+  def fwd_bwd(q, k, v, do):
+    attention(q, k, v, block_mask=block_mask).backward(do)
+
+  def median(fn):
+    for i in range(3):
+      fn(*sets[i % 2])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+      start = time.perf_counter()
+      fn(*sets[i % 2])
+      torch.cuda.synchronize()
+      times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+  return median(fwd), median(fwd_bwd)
+
+
+def _row(rows, env, name, pattern, t, flops, block_flops, measure):
+  """Measures one row, appends it and rewrites the results, so a run cut short keeps every finished row."""
+  row = dict(impl=name, pattern=pattern, T=t, B=_B, H=_H, D=_D)
+  try:
+    fwd_ms, fwd_bwd_ms = measure()
+    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
+               fwd_bwd_tflops=3.5 * flops / fwd_bwd_ms / 1e9)
+    if block_flops is not None:
+      row.update(fwd_block_tflops=block_flops / fwd_ms / 1e9, fwd_bwd_block_tflops=3.5 * block_flops / fwd_bwd_ms / 1e9)
+  except Exception as e:  # a peer that cannot run a row (OOM, unsupported) is reported, not fatal
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    traceback.print_exc(limit=1)
+  print(row, flush=True)
+  rows.append(row)
+  write_results(_OUT_DIR.value, "block_sparse", env, rows, _table(rows))
+
+
+def main(argv):
+  del argv
+  env = environment()
+  flex = _flex() if "flex" in _IMPLS.value else None
+  rows, pattern_flops = [], {}
+  for t in map(int, _SEQ_LENS.value):
+    inputs = _input_sets(t)
+    dense_flops = 4 * _B * _H * t * t * _D
+    for causal in (False, True):
+      name = "flash-causal" if causal else "flash-dense"
+      _row(rows, env, name, "dense", t, dense_flops * (0.5 if causal else 1.0), None, lambda: _measure_jax(
+          lambda q, k, v: flash_attention(q, k, v, causal=causal, impl="pallas"), inputs, _ITERS.value))
+    for pattern in _PATTERNS.value:
+      start = time.perf_counter()
+      mask = _mask(pattern, t)
+      print(f"{pattern} T={t}: {mask} built in {time.perf_counter() - start:.1f}s", flush=True)
+      flops = pattern_flops[pattern, t] = 4 * _B * _H * _D * mask.attended_pairs() // mask.num_heads
+      block_flops = 4 * _B * _H * _D * mask.nonempty_blocks() * mask.block_q * mask.block_k // mask.num_heads
+      if "ours" in _IMPLS.value:
+        _row(rows, env, "ours", pattern, t, flops, block_flops, lambda: _measure_jax(
+            lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas"), inputs, _ITERS.value))
+      window = _window(pattern)
+      if "cudnn" in _IMPLS.value and window is not None:
+        _row(rows, env, "cudnn", pattern, t, flops, None, lambda: _measure_jax(
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0),
+                                                         implementation="cudnn"), inputs, _ITERS.value))
+  # FlexAttention last: torch.compile recompiles per pattern and length, and the JAX rows matter most.
+  if flex is not None:
+    for (pattern, t), flops in pattern_flops.items():
+      _row(rows, env, "flex", pattern, t, flops, None, lambda: _measure_flex(flex, pattern, t, _ITERS.value))
+
+
+def _table(rows):
+  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}. ms fwd / fwd+bwd; ours: TFLOP/s "
+           "on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
+           "| T | pattern | ours ms | ours TFLOP/s (pairs) | ours TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
+           "| Flex ms | dense flash ms (TFLOP/s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  fmt_ms = lambda r: f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}" if r and "fwd_ms" in r else "n/a"
+  for t in sorted({r["T"] for r in rows}):
+    at = {(r["impl"], r["pattern"]): r for r in rows if r["T"] == t}
+    dense = at.get(("flash-dense", "dense"), {})
+    for pattern in [p for p in _PATTERNS.value if any(r["pattern"] == p for r in at.values())]:
+      ours = at.get(("ours", pattern), {})
+      pairs = tiles = ratio = "n/a"
+      if "fwd_ms" in ours:
+        pairs = f"{ours['fwd_tflops']:.0f} / {ours['fwd_bwd_tflops']:.0f}"
+        tiles = f"{ours['fwd_block_tflops']:.0f} / {ours['fwd_bwd_block_tflops']:.0f}"
+        if "fwd_ms" in dense:
+          ratio = (f"{ours['fwd_block_tflops'] / dense['fwd_tflops']:.2f} / "
+                   f"{ours['fwd_bwd_block_tflops'] / dense['fwd_bwd_tflops']:.2f}")
+      flash = (f"{fmt_ms(dense)} ({dense['fwd_tflops']:.0f} / {dense['fwd_bwd_tflops']:.0f})"
+               if "fwd_ms" in dense else "n/a")
+      lines.append(f"| {t // 1024}K | {pattern} | {fmt_ms(ours)} | {pairs} | {tiles} | {ratio} | "
+                   f"{fmt_ms(at.get(('cudnn', pattern)))} | {fmt_ms(at.get(('flex', pattern)))} | {flash} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Public block-sparse attention op: validates inputs, picks an implementation, wires the custom VJP."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.block_sparse import pallas_gpu
+from kernels.block_sparse.mask import BlockMask
+from kernels.block_sparse.reference import block_sparse_reference
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: BlockMask,
+    *,
+    sm_scale: float | None = None,
+    kv_lengths: jax.Array | None = None,
+    impl: str = "auto",
+    block_sizes: pallas_gpu.BlockSizes | None = None,
+) -> jax.Array:
+  """Softmax attention restricted to a block-sparse pattern; work scales with the mask's non-empty tiles.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k, v: [B, S, Hkv, D] keys and values, H % Hkv == 0 (GQA/MQA without repeating K/V).
+    mask: a `BlockMask` over [T, S], shared by all heads or one pattern per query head (num_heads == H).
+    sm_scale: logit scale, default 1/sqrt(D).
+    kv_lengths: int [B] valid keys per sequence (right padding: keys at or past it are never attended).
+    impl: "xla" (dense masked reference, O(T * S) memory), "pallas" (Pallas kernels; interpret mode off GPU),
+      or "auto" (Pallas on GPU, the reference elsewhere).
+    block_sizes: kernel tiles (default `BlockSizes.get_default(D)`), capped at the mask's tiles.
+
+  Returns:
+    o [B, T, H, D] in q's dtype. Rows that attend no key give zeros.
+  """
+  _validate(q, k, v, mask, kv_lengths, impl)
+  scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+  if impl == "auto":
+    impl = "pallas" if _on_gpu() else "xla"
+  if impl == "xla":
+    return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
+  return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
+                           interpret=not _on_gpu())
+
+
+def _validate(q, k, v, mask, kv_lengths, impl):
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be 4-D [B, T, H, D] / [B, S, Hkv, D]; got {q.shape=}, {k.shape=}, {v.shape=}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape; got {k.shape=}, {v.shape=}")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"q and k must agree on batch and head_dim; got {q.shape=}, {k.shape=}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"num_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"q.dtype={q.dtype} is not valid; choose one of float32, bfloat16, float16")
+  if not isinstance(mask, BlockMask):
+    raise ValueError(f"mask must be a BlockMask (kernels.block_sparse.mask); got {type(mask).__name__}")
+  if mask.shape != (q.shape[1], k.shape[1]):
+    raise ValueError(f"mask.shape={mask.shape} is not valid; expected (T, S)={(q.shape[1], k.shape[1])}")
+  if mask.num_heads not in (1, q.shape[2]):
+    raise ValueError(f"mask.num_heads={mask.num_heads} is not valid; expected 1 or num_heads={q.shape[2]}")
+  if kv_lengths is not None:
+    if kv_lengths.shape != (q.shape[0],) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+      raise ValueError(f"kv_lengths must be an int array of shape [B]={(q.shape[0],)}; got "
+                       f"{kv_lengths.shape} {kv_lengths.dtype}")
+
+
+def _pallas_attention(q, k, v, mask: BlockMask, *, sm_scale, kv_lengths, block_sizes, interpret):
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  d_pad = max(16, pl.next_power_of_2(d))
+  blocks = pallas_gpu.fit_blocks(block_sizes or pallas_gpu.BlockSizes.get_default(d_pad, q.dtype.itemsize),
+                                 mask.block_q, mask.block_k)
+  nq, nk = mask.grid
+  static = pallas_gpu._Static(
+      sm_scale=sm_scale, group=h // hkv, per_head_mask=mask.num_heads > 1, mask_block_q=mask.block_q,
+      mask_block_k=mask.block_k, has_kv_length=kv_lengths is not None,
+      precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+  )
+  lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), s)
+  # The mask's element tiles already exclude pairs past T or S, so zero padding to whole mask tiles adds nothing;
+  # padded head channels add nothing to q.k.
+  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
+  index = _mask_arrays(mask)
+  o = _attention(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lengths, *index,
+                 static=static, blocks=blocks, interpret=interpret)
+  return o[:, :t, :, :d]
+
+
+def _mask_arrays(mask: BlockMask):
+  """(visit lists, transposed lists, int8 tiles) as device arrays; one dummy tile when the mask has none."""
+  as_jnp = lambda lists: tuple(jnp.asarray(x, jnp.int32) for x in lists)
+  tiles = mask.tiles if len(mask.tiles) else jnp.zeros((1, mask.block_q, mask.block_k), bool)
+  return as_jnp(mask.lists), as_jnp(mask.transposed_lists), jnp.asarray(tiles, jnp.int8)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret):
+  o, _ = pallas_gpu.forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks, interpret=interpret)
+  return o
+
+
+def _attention_fwd(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret):
+  o, lse = pallas_gpu.forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks, interpret=interpret)
+  return o, (q, k, v, o, lse, kv_lengths, lists, transposed_lists, tiles)
+
+
+def _attention_bwd(static, blocks, interpret, residuals, do):
+  q, k, v, o, lse, kv_lengths, lists, transposed_lists, tiles = residuals
+  dq, dk, dv = pallas_gpu.backward(
+      q, k, v, o, lse, do.astype(q.dtype), kv_lengths, lists, transposed_lists, tiles, static=static,
+      blocks=blocks, interpret=interpret,
+  )
+  return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
