@@ -121,22 +121,34 @@ def linear_attention_chunked(
     return x.reshape(b, n, c, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
   q, k, v, log_a = chunks(q), chunks(k), chunks(v), chunks(log_a)
+  causal = jnp.tril(jnp.ones((c, c), bool))
 
   # Within a chunk: o_t = sum_{s <= t} (q_t . (a_{s+1..t} * k_s)) v_s.
-  span = jnp.exp(_span_log_decay(log_a))  # [B, H, N, C, C, Kd]
-  if log_a.shape[-1] == 1:
-    scores = _einsum("bhntk,bhnsk->bhnts", q, k) * span[..., 0]
+  if decay is None:
+    # No decay: plain causal scores. Building the decay spans from constant zeros instead would leave XLA
+    # constant-folding [B, H, N, C, C] arrays at compile time (minutes at T = 4K on a GPU).
+    scores = jnp.where(causal, _einsum("bhntk,bhnsk->bhnts", q, k), 0.0)
   else:
-    scores = _einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, span)
+    span = jnp.exp(_span_log_decay(log_a))  # [B, H, N, C, C, Kd]
+    if log_a.shape[-1] == 1:
+      scores = _einsum("bhntk,bhnsk->bhnts", q, k) * span[..., 0]
+    else:
+      scores = _einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, span)
   o = _einsum("bhnts,bhnsv->bhntv", scores, v)
 
   # Across chunks: the state entering each chunk, decayed to each query, read by q.
-  from_start = jnp.cumsum(log_a, axis=-2)  # log decay from the chunk start through t (inclusive)
-  # Log decay after s to the chunk end: a reverse cumulative sum shifted by one, not total - from_start.
-  to_end = jnp.flip(jnp.cumsum(jnp.flip(log_a, axis=-2), axis=-2), axis=-2)
-  to_end = jnp.concatenate([to_end[..., 1:, :], jnp.zeros_like(to_end[..., :1, :])], axis=-2)
-  chunk_kv = _einsum("bhnsk,bhnsv->bhnkv", k * jnp.exp(to_end), v)  # [B, H, N, K, V]
-  chunk_a = jnp.exp(from_start[..., -1, :])[..., None]  # [B, H, N, Kd, 1]
+  if decay is None:
+    chunk_kv = _einsum("bhnsk,bhnsv->bhnkv", k, v)  # [B, H, N, K, V]
+    chunk_a = jnp.ones((b, h, n, 1, 1), f32)
+    q_read = q
+  else:
+    from_start = jnp.cumsum(log_a, axis=-2)  # log decay from the chunk start through t (inclusive)
+    # Log decay after s to the chunk end: a reverse cumulative sum shifted by one, not total - from_start.
+    to_end = jnp.flip(jnp.cumsum(jnp.flip(log_a, axis=-2), axis=-2), axis=-2)
+    to_end = jnp.concatenate([to_end[..., 1:, :], jnp.zeros_like(to_end[..., :1, :])], axis=-2)
+    chunk_kv = _einsum("bhnsk,bhnsv->bhnkv", k * jnp.exp(to_end), v)  # [B, H, N, K, V]
+    chunk_a = jnp.exp(from_start[..., -1, :])[..., None]  # [B, H, N, Kd, 1]
+    q_read = q * jnp.exp(from_start)
 
   def carry_state(state, inputs):
     a, kv = inputs
@@ -144,7 +156,7 @@ def linear_attention_chunked(
 
   state, entering = jax.lax.scan(carry_state, state, (jnp.moveaxis(chunk_a, 2, 0), jnp.moveaxis(chunk_kv, 2, 0)))
   entering = jnp.moveaxis(entering, 0, 2)  # [B, H, N, K, V]
-  o = o + _einsum("bhntk,bhnkv->bhntv", q * jnp.exp(from_start), entering)
+  o = o + _einsum("bhntk,bhnkv->bhntv", q_read, entering)
 
   o = o.transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
   return o.astype(out_dtype), state
