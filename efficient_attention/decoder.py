@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention.cache import DecoderCache, zero_index
+from efficient_attention.layers import check_no_mask_with_cache
 from efficient_attention.mlp import MLP, MLP_KINDS
 from efficient_attention.positions import POSITION_KINDS, LearnedPositions, SinusoidalPositions
 from efficient_attention.registry import build_mixer, make_config, variant_names
@@ -147,7 +149,12 @@ class Block(nnx.Module):
     )
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, cache: Any = None):
+    """x [B, T, C] -> [B, T, C]; with the mixer's cache, (x, the cache advanced by T)."""
+    if cache is not None:
+      y, cache = self.mixer(self.mixer_norm(x), cache=cache)
+      x = x + self.dropout(y)
+      return x + self.dropout(self.mlp(self.mlp_norm(x))), cache
     x = x + self.dropout(self.mixer(self.mixer_norm(x), mask=mask))
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -178,10 +185,16 @@ class Decoder(nnx.Module):
     else:
       self.head = None
 
-  def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """tokens [B, T] int, mask bool [B, T] (True at real tokens) -> fp32 logits."""
+  def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None, cache: DecoderCache | None = None):
+    """tokens [B, T] int, mask bool [B, T] (True at real tokens) -> fp32 logits.
+
+    With a cache (from `init_cache`; LM head only), the tokens sit at positions cache.index .. + T - 1 and the
+    call returns (logits [B, T, vocab], the cache advanced by T): a prefill for T > 1, a decoding step for T = 1.
+    """
     if tokens.ndim != 2:
       raise ValueError(f"tokens.shape={tokens.shape} is not valid; expected [B, T]")
+    if cache is not None:
+      return self._decode(tokens, mask, cache)
     t = tokens.shape[1]
     if t > self.config.max_len and (self.config.position == "learned" or "linformer" in self.config.layer_variants):
       raise ValueError(f"sequence length T={t} exceeds max_len={self.config.max_len} of this model")
@@ -198,6 +211,45 @@ class Decoder(nnx.Module):
       return self.head(self._pool(x, mask)).astype(jnp.float32)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
     return logits.astype(jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int) -> DecoderCache:
+    """An empty cache for `batch` sequences of up to max_len tokens (prompt plus generated ones).
+
+    Each layer's mixer sizes its own part: a KV cache, a ring of the window, or a constant recurrent state.
+    Raises ValueError for models that cannot generate (bidirectional, classifier head, non-causal mixers).
+    """
+    cfg = self.config
+    if cfg.head != "lm":
+      raise ValueError(f"head={cfg.head!r} is not valid for decoding; it needs head='lm'")
+    if not cfg.causal:
+      raise ValueError("causal=False is not valid for decoding; generation needs a causal decoder")
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+      raise ValueError(f"max_len={max_len!r} is not valid; it must be a positive int")
+    if cfg.position == "learned" and max_len > cfg.max_len:
+      raise ValueError(f"max_len={max_len} is not valid; the learned position table has config.max_len="
+                       f"{cfg.max_len} rows")
+    layers = []
+    for name, block in zip(cfg.layer_variants, self.blocks):
+      if not hasattr(block.mixer, "init_cache"):
+        raise ValueError(f"variant {name!r} cannot decode token by token (it has no cache)")
+      layers.append(block.mixer.init_cache(batch, max_len, dtype=jnp.dtype(cfg.dtype)))
+    return DecoderCache(tuple(layers), zero_index(), max_len)
+
+  def _decode(self, tokens: jax.Array, mask: jax.Array | None, cache: DecoderCache):
+    """The forward pass of tokens [B, T] at positions cache.index .. + T - 1 -> (fp32 logits, new cache)."""
+    check_no_mask_with_cache(mask)
+    t = tokens.shape[1]
+    x = self.embed(tokens)
+    if self.positions is not None:
+      x = x + self.positions.at(cache.index, t, cache.max_len)[None]
+    x = self.dropout(x)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache.layers):
+      x, layer_cache = block(x, None, layer_cache)
+      layers.append(layer_cache)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32), DecoderCache(tuple(layers), cache.index + t, cache.max_len)
 
   def _pool(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     """[B, T, C] -> [B, C] over real tokens."""

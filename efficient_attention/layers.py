@@ -66,7 +66,9 @@ class HeadAttention(nnx.Module):
   """Base of the mixers shaped x -> per-head q, k, v -> `attend` -> output projection.
 
   Subclasses implement `attend(x, q, k, v, mask) -> [B, T, H, D]`; the projections live here so every such
-  mixer has the same parameter names (`qkv`, `out`).
+  mixer has the same parameter names (`qkv`, `out`). Mixers that can decode also implement
+  `init_cache(batch, max_len, *, dtype)` and `attend_cached(x, q, k, v, cache) -> ([B, T, H, D], cache)`;
+  with a cache, rotary positions start at the cache's index (see efficient_attention/cache.py).
   """
 
   def __init__(self, config: AttentionConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -74,11 +76,20 @@ class HeadAttention(nnx.Module):
     self.qkv = QKVProjection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.out = output_projection(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, cache: Any = None):
+    """x [B, T, C] -> y [B, T, C]; with a cache, (y, the cache advanced by T)."""
     mask = check_padding_mask(mask, x)
+    if cache is not None:
+      check_no_mask_with_cache(mask)
+      q, k, v = self.qkv(x, cache.index + jnp.arange(x.shape[1]))
+      y, cache = self.attend_cached(x, q, k, v, cache)
+      return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1)), cache
     q, k, v = self.qkv(x)
     y = self.attend(x, q, k, v, mask)
     return self.out(y.astype(q.dtype).reshape(*x.shape[:2], -1))
+
+  def init_cache(self, batch: int, max_len: int, *, dtype: Any = jnp.float32):
+    raise ValueError(f"variant {self.config.variant!r} cannot decode token by token (it has no cache)")
 
 
 def check_padding_mask(mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
@@ -88,3 +99,9 @@ def check_padding_mask(mask: jax.Array | None, x: jax.Array) -> jax.Array | None
   if mask.shape != x.shape[:2]:
     raise ValueError(f"mask.shape={mask.shape} is not valid; expected [B, T]={x.shape[:2]} (True at real tokens)")
   return mask.astype(bool)
+
+
+def check_no_mask_with_cache(mask: jax.Array | None) -> None:
+  """Cached (decoding) calls take whole, unpadded prompts: the cache index is shared by every row."""
+  if mask is not None:
+    raise ValueError("mask is not valid together with cache; decoding takes unpadded prompts of one length")

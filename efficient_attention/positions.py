@@ -31,6 +31,11 @@ class LearnedPositions(nnx.Module):
   def __call__(self, t: int) -> jax.Array:
     return self.table(jnp.arange(t))
 
+  def at(self, start: jax.Array, t: int, max_len: int) -> jax.Array:
+    """Rows start .. start + t - 1 [t, C] (decoding; the caller keeps them below max_len <= self.max_len)."""
+    del max_len
+    return self.table(start + jnp.arange(t))
+
 
 class SinusoidalPositions(nnx.Module):
   """The fixed sinusoidal table, computed for any length at trace time (no max length)."""
@@ -41,3 +46,9 @@ class SinusoidalPositions(nnx.Module):
 
   def __call__(self, t: int) -> jax.Array:
     return jnp.asarray(sinusoidal_table(t, self.width), self.dtype)
+
+  def at(self, start: jax.Array, t: int, max_len: int) -> jax.Array:
+    """Rows start .. start + t - 1 [t, C] of the table, for a traced start below max_len (decoding)."""
+    # The same host-computed table as __call__, so decoding sees bit-identical position vectors.
+    table = jnp.asarray(sinusoidal_table(max_len, self.width), self.dtype)
+    return jax.lax.dynamic_slice_in_dim(table, start, t)

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from efficient_attention import parallel
 
 from experiments.tasks.base import Split
 
@@ -94,23 +96,25 @@ def eval_batches(split: Split, batch_size: int, max_batches: int = -1) -> Iterat
     yield take(split, np.where(valid, rows, 0), valid)
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every visible device (all hosts), for data parallelism.
+def make_mesh(spec: str = "") -> Mesh:
+  """A (data, sequence) mesh over every visible device (all hosts); spec as `--mesh`, e.g. "data:2,sequence:2".
 
-  Auto axes: the batch's sharding reaches the model through XLA's propagation, so the model code
-  needs no sharding annotations (explicit axes would demand them on every gather).
+  The default puts every device on `data` (data parallelism). Auto axes: the batch's sharding reaches the
+  model through XLA's propagation, so the model code needs no sharding annotations (explicit axes would
+  demand them on every gather); only ring attention and the sequence-parallel scans map over the mesh.
   """
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  return parallel.make_mesh(spec)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global numpy batch -> jax arrays split along the batch axis over the mesh's data axis.
+  """Global numpy batch -> jax arrays split along the batch axis over the mesh's data axis, and along time
+  (axis 1 of 2-D+ arrays) over its sequence axis.
 
   Every process holds the same global batch (the stream is deterministic) and contributes only the
-  rows of its own devices, so the same code runs on one host or many.
+  blocks of its own devices, so the same code runs on one host or many.
   """
   num_shards = mesh.shape[DATA_AXIS]
-  process_count, process_index = jax.process_count(), jax.process_index()
+  sequence_shards = mesh.shape.get(parallel.SEQUENCE_AXIS, 1)
 
   def put(array: np.ndarray) -> jax.Array:
     if array.shape[0] % num_shards:
@@ -118,9 +122,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
           f"batch of {array.shape[0]} rows does not split over {num_shards} devices; "
           f"choose a batch size divisible by {num_shards}"
       )
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    rows = array.shape[0] // process_count
-    local = array[process_index * rows : (process_index + 1) * rows]
-    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+    if array.ndim >= 2 and array.shape[1] % sequence_shards:
+      raise ValueError(
+          f"sequences of {array.shape[1]} tokens do not split over the mesh's {sequence_shards} sequence devices; "
+          f"choose a task length divisible by {sequence_shards}"
+      )
+    return jax.make_array_from_callback(array.shape, parallel.batch_sharding(mesh, array.ndim),
+                                        lambda index: array[index])
 
   return {key: put(value) for key, value in batch.items()}

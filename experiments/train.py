@@ -71,6 +71,12 @@ _WORKDIR = flags.DEFINE_string(
     "Output directory (metrics, checkpoints, config); default ./workdir/<config name>-<variant>-s<seed>.",
 )
 _SEED = flags.DEFINE_integer("seed", None, "Overrides config.seed (parameters, dropout and data order).")
+_MESH = flags.DEFINE_string(
+    "mesh", None,
+    "Device mesh, overriding config.train.mesh: e.g. data:2,sequence:2 (ring attention / sequence-parallel scans "
+    "over `sequence`); sizes multiply to the device count, and one may be -1.",
+)
+_FSDP = flags.DEFINE_bool("fsdp", None, "Overrides config.train.fsdp: shard parameters over the data axis.")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir without training.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: host:port of process 0; calls jax.distributed.initialize."
@@ -111,6 +117,10 @@ def main(argv):
       config.model.variant = _VARIANT.value
     if _SEED.value is not None:
       config.seed = _SEED.value
+    if _MESH.value is not None:
+      config.train.mesh = _MESH.value
+    if _FSDP.value is not None:
+      config.train.fsdp = _FSDP.value
   workdir = _WORKDIR.value or f"workdir/{_run_name(config)}"
   logging.info("workdir: %s", workdir)
   try:

@@ -1,5 +1,6 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m experiments.train`."""
 
+import contextlib
 import json
 import math
 import time
@@ -14,9 +15,9 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from efficient_attention import Decoder
+from efficient_attention import Decoder, parallel
 from experiments import modeling
 from experiments.checkpoint import Checkpointer
 from experiments.data import DataPosition, TrainStream, eval_batches, make_mesh, shard_batch
@@ -100,7 +101,7 @@ def evaluate(model: Decoder, split: Split, task: TaskData, batch_size: int, max_
 
 def create(model_config, seed: int, train: Mapping[str, Any], mesh: Mesh) -> tuple[Decoder, nnx.Optimizer]:
   """The model and its optimizer, every variable replicated over the mesh (data parallelism keeps a full copy
-  per device).
+  per device), or split over its data axis when train.fsdp is set (XLA gathers each before use).
 
   Built inside jit with a sharding constraint, so each process materialises only its own devices'
   copies: that also works when the mesh spans several hosts, where device_put cannot place arrays.
@@ -112,9 +113,10 @@ def create(model_config, seed: int, train: Mapping[str, Any], mesh: Mesh) -> tup
 def _build(model_config, seed, train, mesh):
   model = Decoder(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   optimizer, _ = make_optimizer(model, train)
-  replicated = NamedSharding(mesh, PartitionSpec())
   for node in (model, optimizer):
-    nnx.update(node, jax.lax.with_sharding_constraint(nnx.state(node), replicated))
+    state = nnx.state(node)
+    shardings = parallel.state_shardings(state, mesh, fsdp=bool(train.get("fsdp", False)))
+    nnx.update(node, jax.lax.with_sharding_constraint(state, shardings))
   return model, optimizer
 
 
@@ -200,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
   checkpoints = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
   writer = MetricWriter(workdir, enabled=lead)
+  context = contextlib.ExitStack()
   try:
     latest = checkpoints.latest_step()
     if latest is not None:
@@ -209,8 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if lead:
       (workdir / CONFIG_FILE).write_text(json.dumps(resolved, indent=2) + "\n")
 
-    mesh = make_mesh()
+    mesh = make_mesh(config.train.get("mesh", ""))
     model, optimizer = create(model_config, config.seed, config.train, mesh)
+    # Steps traced from here on split whole-sequence ops over the mesh's sequence axis (if it has one).
+    context.enter_context(parallel.sequence_parallel(mesh))
     schedule = learning_rate_schedule(config.train)
     step, position = 0, DataPosition()
     if latest is not None:
@@ -231,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if baseline is not None:
       results["majority_baseline_accuracy"] = baseline
   finally:
+    context.close()
     checkpoints.wait()
     checkpoints.close()
     writer.close()

@@ -5,6 +5,7 @@ function; reach an op's modules with `from kernels.flash_attention import refere
 """
 
 from kernels.block_sparse import BlockMask, block_sparse_attention
+from kernels.decode_attention import decode_attention
 from kernels.flash_attention import flash_attention
 from kernels.linear_attention import linear_attention, linear_attention_step
 from kernels.selective_scan import selective_scan, selective_scan_step
@@ -12,6 +13,7 @@ from kernels.selective_scan import selective_scan, selective_scan_step
 __all__ = [
     "BlockMask",
     "block_sparse_attention",
+    "decode_attention",
     "flash_attention",
     "linear_attention",
     "linear_attention_step",

@@ -7,16 +7,23 @@ element-causal mask inside block i. Memory O(T * (sliding + global + random) * b
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_attention.block_sparse import block_sparse_with_padding_mask, kernel_tile
 from efficient_attention.blocked_attention import blocked_attention, rows_attention
+from efficient_attention.cache import KVCache, check_decodable, empty_kv, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
-from efficient_attention.validation import check_count
+from efficient_attention.sparse_decoding import block_layout_attention, layout_rows
+from efficient_attention.validation import check_choice, check_count
+from kernels import block_sparse
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +39,9 @@ class BigBirdConfig(AttentionConfig):
   num_random_blocks: int = 2
   # Seeds the random blocks; the decoder passes a different seed per layer.
   seed: int = 0
+  # "xla": blocked jnp attention (gathered key blocks). "pallas": the block-sparse kernel (kernels.block_sparse),
+  # which visits only the attended key tiles; right padding only.
+  impl: str = "xla"
 
   def __post_init__(self):
     super().__post_init__()
@@ -44,6 +54,7 @@ class BigBirdConfig(AttentionConfig):
     check_count("num_global_blocks", self.num_global_blocks, 0)
     check_count("num_random_blocks", self.num_random_blocks, 0)
     check_count("seed", self.seed, 0)
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
 
 
 def bigbird_block_layout(config: BigBirdConfig, length: int) -> np.ndarray:
@@ -51,24 +62,29 @@ def bigbird_block_layout(config: BigBirdConfig, length: int) -> np.ndarray:
 
   Each query block draws its random blocks from an RNG seeded by (seed, block index), so they are fixed
   for a layer and a length; causal rows (whose candidates are the blocks before them) do not even change
-  with the length, so a prefix keeps its pattern as the sequence grows.
+  with the length, so a prefix keeps its pattern as the sequence grows. One definition with the kernel's
+  `kernels.block_sparse.bigbird` mask builder.
   """
-  num_blocks = -(-length // config.block_size)
-  layout = np.zeros((num_blocks, num_blocks), bool)
-  half = config.num_sliding_blocks // 2
-  for i in range(num_blocks):
-    # Keys a causal query block may reach: blocks 0..i.
-    reach = i + 1 if config.causal else num_blocks
-    if i < config.num_global_blocks:
-      layout[i, :reach] = True
-      continue
-    layout[i, max(i - half, 0):min(i + half + 1, reach)] = True
-    layout[i, :min(config.num_global_blocks, reach)] = True
-    candidates = np.flatnonzero(~layout[i, :reach])
-    rng = np.random.default_rng([config.seed, i])
-    chosen = rng.choice(candidates, size=min(config.num_random_blocks, len(candidates)), replace=False)
-    layout[i, chosen] = True
-  return layout
+  return block_sparse.mask.bigbird_block_layout(
+      -(-length // config.block_size), num_sliding_blocks=config.num_sliding_blocks,
+      num_global_blocks=config.num_global_blocks, num_random_blocks=config.num_random_blocks, seed=config.seed,
+      causal=config.causal,
+  )
+
+
+@functools.lru_cache(maxsize=64)
+def bigbird_block_mask(config: BigBirdConfig, length: int) -> block_sparse.BlockMask:
+  """The pattern of `bigbird_pattern` as a BlockMask on kernel tiles, built once per length.
+
+  Tiles no larger than the largest power of two dividing block_size, so BigBird's blocks fall on whole tiles
+  (empty or full) instead of splitting many tiles into partial ones.
+  """
+  tile = min(kernel_tile(length), max(16, config.block_size & -config.block_size))
+  return block_sparse.bigbird(
+      length, block_size=config.block_size, num_sliding_blocks=config.num_sliding_blocks,
+      num_global_blocks=config.num_global_blocks, num_random_blocks=config.num_random_blocks, seed=config.seed,
+      causal=config.causal, block_q=tile, block_k=tile,
+  )
 
 
 def bigbird_pattern(config: BigBirdConfig, length: int) -> np.ndarray:
@@ -122,8 +138,20 @@ def bigbird_attention(
 class BigBird(HeadAttention):
   """Multi-head BigBird attention (ITC): sliding + global + random key blocks."""
 
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> KVCache:
+    """Every position's keys and values (random blocks reach anywhere in the past); causal only."""
+    check_decodable(self.config, max_len)
+    return KVCache(*empty_kv(batch, max_len, self.qkv.num_kv_heads, self.qkv.head_dim, dtype), zero_index())
+
+  def attend_cached(self, x, q, k, v, cache):
+    # Causal layout rows do not depend on the length, so the cache's max_len gives the same pattern.
+    rows = layout_rows(bigbird_block_layout(self.config, cache.k.shape[1]))
+    return block_layout_attention(q, k, v, cache, rows=rows, block_size=self.config.block_size)
+
   def attend(self, x, q, k, v, mask):
     cfg = self.config
+    if cfg.impl == "pallas":
+      return block_sparse_with_padding_mask(q, k, v, bigbird_block_mask(cfg, x.shape[1]), mask)
     return bigbird_attention(
         q, k, v, layout=bigbird_block_layout(cfg, x.shape[1]), block_size=cfg.block_size,
         num_global_blocks=cfg.num_global_blocks, causal=cfg.causal, key_mask=mask,

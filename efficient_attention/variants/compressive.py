@@ -39,8 +39,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention.cache import check_decodable, zero_index
 from efficient_attention.config import AttentionConfig
-from efficient_attention.layers import QKVProjection, check_padding_mask, output_projection, rotary_embedding
+from efficient_attention.layers import (
+    QKVProjection, check_no_mask_with_cache, check_padding_mask, output_projection, rotary_embedding,
+)
 from efficient_attention.registry import register
 from efficient_attention.validation import check_at_least, check_choice, check_divisible, check_positive
 from efficient_attention.variants.full import softmax_attention
@@ -145,6 +148,16 @@ class MemoryCompressor(nnx.Module):
     return y.astype(x.dtype), slot_valid
 
 
+class CompressiveCache(NamedTuple):
+  """Decoding cache: the FIFO memory and compressed memory as of the current segment's start, that segment's
+  inputs so far segment [B, S, C], and the position index."""
+
+  memory: Slots
+  compressed: Slots
+  segment: jax.Array
+  index: jax.Array  # int32 [], tokens seen so far
+
+
 def _frozen(module: nnx.Module) -> nnx.Module:
   """A copy of `module` whose parameters are under stop_gradient."""
   graphdef, state = nnx.split(module)
@@ -165,12 +178,51 @@ class CompressiveAttention(nnx.Module):
           param_dtype=param_dtype, rngs=rngs,
       )
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, cache: "CompressiveCache | None" = None):
+    """x [B, T, C] -> [B, T, C]; with a cache, (y, the cache advanced by T)."""
     mask = check_padding_mask(mask, x)
+    if cache is not None:
+      check_no_mask_with_cache(mask)
+      return self._decode(x, cache)
     y, loss = self._scan(x, mask, attend=True, reconstruct=self.config.sow_compression_loss)
     if self.config.sow_compression_loss:
       self.sow(nnx.Intermediate, "reconstruction_loss", loss)
     return self.out(y)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> "CompressiveCache":
+    """Both memories as of the current segment's start plus that segment's inputs so far; constant in size."""
+    cfg = self.config
+    check_decodable(cfg, max_len)
+    width = self.qkv.query.in_features
+    return CompressiveCache(
+        _empty(batch, cfg.memory_length, width, dtype), _empty(batch, cfg.compressed_memory_length, width, dtype),
+        jnp.zeros((batch, cfg.segment_length, width), dtype), zero_index(),
+    )
+
+  def _decode(self, x: jax.Array, cache: "CompressiveCache") -> tuple[jax.Array, "CompressiveCache"]:
+    """One token at a time through the training path's segment step, so decoding repeats its arithmetic.
+
+    A token at segment offset o attends as row o of its segment (rows past o are masked out as padding, as at the
+    end of a sequence); the memories advance when the segment's last token arrives. Each token recomputes its
+    segment's S query rows: O(S (Ncm + M + S)) per token, the price of reusing `_step` unchanged.
+    """
+    s = self.config.segment_length
+    b = x.shape[0]
+
+    def token(carry, x_t):
+      memory, compressed, buffer, index = carry
+      offset = index % s
+      buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x_t[:, None].astype(buffer.dtype), offset, axis=1)
+      valid = jnp.broadcast_to(jnp.arange(s) <= offset, (b, s))
+      segment = Slots(jnp.where(valid[..., None], buffer, 0), valid, index - offset + jnp.arange(s, dtype=jnp.int32))
+      (new_memory, new_compressed), (y, _) = self._step((memory, compressed), segment, attend=True, frozen_qkv=None)
+      # The memories move on only when the segment is complete, as in the full pass.
+      pick = lambda new, old: jax.tree.map(lambda a, c: jnp.where(offset == s - 1, a, c), new, old)
+      carry = (pick(new_memory, memory), pick(new_compressed, compressed), buffer, index + 1)
+      return carry, jax.lax.dynamic_index_in_dim(y, offset, axis=1, keepdims=False)
+
+    carry, y = jax.lax.scan(token, tuple(cache), x.swapaxes(0, 1))
+    return self.out(y.swapaxes(0, 1)), CompressiveCache(*carry)
 
   def compression_loss(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
     """The attention-reconstruction loss (fp32 scalar) of this layer on its input x [B, T, C].

@@ -5,8 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from efficient_attention.cache import KVCache, check_decodable, decode_impl, empty_kv, kv_cache_attention, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
+from efficient_attention.parallel import active_layout, ring_attention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice
 from kernels.flash_attention import flash_attention
@@ -48,7 +50,11 @@ def softmax_attention(
   GQA never repeats K/V. Causal masking is aligned to the end when T != S (the last query sees every key),
   as in decoding. impl="pallas" and impl="cudnn" (with T == S) take padding as lengths, so key_mask must be
   right padding there (a row with a hole in its mask comes out as NaN rather than silently wrong).
+  Under `efficient_attention.parallel.sequence_parallel` (T == S) it runs as ring attention, right padding only.
   """
+  layout = active_layout()
+  if layout is not None and q.shape[1] == k.shape[1]:
+    return ring_with_padding_mask(q, k, v, causal=causal, key_mask=key_mask, impl=impl)
   if impl == "pallas":
     return flash_with_padding_mask(q, k, v, causal=causal, key_mask=key_mask)
   if impl == "cudnn" and key_mask is not None and q.shape[1] == k.shape[1]:
@@ -88,6 +94,22 @@ def flash_with_padding_mask(
   return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
 
 
+def ring_with_padding_mask(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, key_mask: jax.Array | None,
+    window: tuple[int, int] | None = None, impl: str = "auto",
+) -> jax.Array:
+  """Ring attention over the active sequence layout with a [B, T] padding mask, which must be right padding.
+
+  q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; rows whose mask has a hole come out as NaN.
+  """
+  layout = active_layout()
+  if key_mask is None:
+    return ring_attention(q, k, v, layout, causal=causal, window=window, impl=impl)
+  lengths, right_padded = _right_padding_lengths(key_mask)
+  o = ring_attention(q, k, v, layout, causal=causal, window=window, kv_lengths=lengths, impl=impl)
+  return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
+
+
 @register(FlashAttentionConfig)
 @register(FullAttentionConfig)
 class FullAttention(HeadAttention):
@@ -95,3 +117,11 @@ class FullAttention(HeadAttention):
 
   def attend(self, x, q, k, v, mask):
     return softmax_attention(q, k, v, causal=self.config.causal, key_mask=mask, impl=self.config.impl)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> KVCache:
+    """Keys and values of every position: k/v [B, max_len, Hkv, D] (GQA/MQA: Hkv < H heads only)."""
+    check_decodable(self.config, max_len)
+    return KVCache(*empty_kv(batch, max_len, self.qkv.num_kv_heads, self.qkv.head_dim, dtype), zero_index())
+
+  def attend_cached(self, x, q, k, v, cache):
+    return kv_cache_attention(q, k, v, cache, impl=decode_impl(self.config.impl))

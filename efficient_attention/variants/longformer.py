@@ -6,6 +6,7 @@ Local part: query t attends keys t - d*i for 0 <= i < window (causal) or t + d*i
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -13,11 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_attention.block_sparse import block_sparse_with_padding_mask, kernel_tile
 from efficient_attention.blocked_attention import ExtraKeys, band_attention, rows_attention
+from efficient_attention.cache import check_decodable, empty_kv, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention, QKVProjection
 from efficient_attention.registry import register
-from efficient_attention.validation import check_count
+from efficient_attention.sparse_decoding import LongformerCache, longformer_cached_attention, longformer_ring_size
+from efficient_attention.validation import check_choice, check_count
+from kernels import block_sparse
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +38,9 @@ class LongformerConfig(AttentionConfig):
   global_tokens: tuple[int, ...] = (0,)
   # The paper's Q_g, K_g, V_g: global tokens' rows use their own projections instead of the local ones.
   separate_global_projections: bool = False
+  # "xla": blocked jnp attention (O(T * (window + G)) memory). "pallas": the block-sparse kernel
+  # (kernels.block_sparse), which visits only the key tiles the pattern touches; right padding only.
+  impl: str = "xla"
 
   def __post_init__(self):
     # Flags and ml_collections hand sequences over as lists; tuples keep the config hashable.
@@ -48,6 +58,7 @@ class LongformerConfig(AttentionConfig):
       check_count("global_tokens", p, 0)
     if len(set(self.global_tokens)) != len(self.global_tokens):
       raise ValueError(f"global_tokens={self.global_tokens} is not valid; positions must be distinct")
+    check_choice("impl", self.impl, IMPLEMENTATIONS)
 
   def head_dilations(self) -> tuple[int, ...]:
     """Dilation of every query head (length num_heads)."""
@@ -136,9 +147,38 @@ def longformer_attention(
   return y
 
 
+@functools.lru_cache(maxsize=64)
+def longformer_block_mask(config: LongformerConfig, length: int) -> block_sparse.BlockMask:
+  """The pattern of `longformer_pattern` as a BlockMask (per head when dilations differ), built once per length."""
+  tile = kernel_tile(length)
+  return block_sparse.longformer(
+      length, config.window, dilation=config.head_dilations(), global_positions=config.global_tokens,
+      causal=config.causal, block_q=tile, block_k=tile,
+  )
+
+
 @register(LongformerConfig)
 class Longformer(HeadAttention):
   """Multi-head Longformer attention: dilated sliding windows plus symmetric global tokens."""
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> LongformerCache:
+    """A ring of the positions the dilated windows reach plus one entry per global token (causal only)."""
+    cfg = self.config
+    check_decodable(cfg, max_len)
+    if cfg.separate_global_projections:
+      raise ValueError("separate_global_projections=True is not valid for decoding: the global rows would need "
+                       "every past position under their own projections")
+    size = longformer_ring_size(cfg.window, cfg.head_dilations(), max_len)
+    globals_ = len(_global_positions(cfg.global_tokens, max_len))
+    return LongformerCache(*empty_kv(batch, size, self.qkv.num_kv_heads, self.qkv.head_dim, dtype),
+                           *empty_kv(batch, globals_, self.qkv.num_kv_heads, self.qkv.head_dim, dtype), zero_index())
+
+  def attend_cached(self, x, q, k, v, cache):
+    cfg = self.config
+    # The cache holds the global tokens below its max_len: the first of the sorted positions.
+    positions = np.sort(np.array(cfg.global_tokens, np.int32))[:cache.global_k.shape[1]]
+    return longformer_cached_attention(q, k, v, cache, window=cfg.window, dilations=cfg.head_dilations(),
+                                       global_positions=positions)
 
   def __init__(self, config: LongformerConfig, width: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     super().__init__(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -150,6 +190,17 @@ class Longformer(HeadAttention):
 
   def attend(self, x, q, k, v, mask):
     cfg = self.config
+    if cfg.impl == "pallas":
+      y = block_sparse_with_padding_mask(q, k, v, longformer_block_mask(cfg, x.shape[1]), mask)
+      g_pos = _global_positions(cfg.global_tokens, x.shape[1])
+      if self.global_qkv is None or not len(g_pos):
+        return y
+      # Separate projections change only the global rows: G rows against all keys, as in the xla path.
+      q_g, k_g, v_g = self.global_qkv(x)
+      row_mask = jnp.ones((1, 1, x.shape[1]), bool) if mask is None else mask[:, None, :]
+      if cfg.causal:
+        row_mask = row_mask & (np.arange(x.shape[1])[None, :] <= g_pos[:, None])
+      return y.at[:, g_pos].set(rows_attention(q_g[:, g_pos], k_g, v_g, row_mask).astype(y.dtype))
     return longformer_attention(
         q, k, v, window=cfg.window, dilations=cfg.head_dilations(), global_tokens=cfg.global_tokens,
         causal=cfg.causal, key_mask=mask, global_qkv=None if self.global_qkv is None else self.global_qkv(x),

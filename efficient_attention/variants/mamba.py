@@ -7,17 +7,19 @@ and skip D -> times silu(z) -> out-projection to [B, T, C].
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention.cache import check_decodable, zero_index
 from efficient_attention.config import MixerConfig
-from efficient_attention.layers import check_padding_mask
+from efficient_attention.layers import check_no_mask_with_cache, check_padding_mask
+from efficient_attention.parallel import sequence_selective_scan
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_positive
-from kernels.selective_scan import selective_scan
+from kernels.selective_scan import selective_scan, selective_scan_step
 from kernels.selective_scan.api import IMPLEMENTATIONS
 
 
@@ -37,7 +39,8 @@ class MambaConfig(MixerConfig):
   # Initial step sizes delta are sampled log-uniformly in [dt_min, dt_max].
   dt_min: float = 1e-3
   dt_max: float = 1e-1
-  # Selective-scan implementation (kernels.selective_scan): "xla" (the jnp reference) or "auto".
+  # Selective-scan implementation (kernels.selective_scan): "xla" (the jnp reference), "pallas" (fused
+  # kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
   impl: str = "auto"
   # Bias on the depthwise convolution.
   conv_bias: bool = True
@@ -95,15 +98,28 @@ class CausalDepthwiseConv(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), (kernel_size, features), param_dtype))
     self.bias = nnx.Param(init(rngs.params(), (features,), param_dtype)) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
+    """previous [B, K - 1, E]: the inputs before x when decoding; zeros (the sequence start) otherwise."""
     t = x.shape[1]
-    # Left zero padding: the first tokens see zeros, never later tokens.
-    padded = jnp.pad(x.astype(self.dtype), [(0, 0), (self.kernel_size - 1, 0), (0, 0)])
+    if previous is None:
+      # Left zero padding: the first tokens see zeros, never later tokens.
+      padded = jnp.pad(x.astype(self.dtype), [(0, 0), (self.kernel_size - 1, 0), (0, 0)])
+    else:
+      padded = jnp.concatenate([previous.astype(self.dtype), x.astype(self.dtype)], axis=1)
     kernel = self.kernel[...].astype(self.dtype)
     y = sum(padded[:, k : k + t] * kernel[k] for k in range(self.kernel_size))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+class MambaState(NamedTuple):
+  """Decoding cache, constant in size: the convolution's last K - 1 inputs [B, K - 1, E] and the scan state
+  [B, E, N] fp32."""
+
+  conv: jax.Array
+  ssm: jax.Array
+  index: jax.Array  # int32 [], tokens seen so far
 
 
 @register(MambaConfig)
@@ -133,9 +149,13 @@ class Mamba(nnx.Module):
     self.D = nnx.Param(jnp.ones((self.inner,), param_dtype))
     self.out_proj = linear(self.inner, width, config.use_bias)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    """x [B, T, C], mask bool [B, T] (True at real tokens) -> [B, T, C]."""
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, cache: MambaState | None = None):
+    """x [B, T, C], mask bool [B, T] (True at real tokens) -> [B, T, C]; with a cache, (y, the cache advanced
+    by T)."""
     mask = check_padding_mask(mask, x)
+    if cache is not None:
+      check_no_mask_with_cache(mask)
+      return self._decode(x, cache)
     n = self.config.d_state
     xs, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, E] each
     if mask is not None:
@@ -149,5 +169,30 @@ class Mamba(nnx.Module):
       # through padding unchanged, whether it is on the left, right or in between.
       delta = jnp.where(mask[..., None], delta, 0.0)
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y = selective_scan(xs, delta, a, b, c, D=self.D[...], z=z, dt_softplus=False, impl=self.config.impl)
+    # Split over the sequence axis when a sequence-parallel mesh is active (efficient_attention.parallel).
+    y = sequence_selective_scan(xs, delta, a, b, c, D=self.D[...], z=z, dt_softplus=False, impl=self.config.impl)
     return self.out_proj(y)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> MambaState:
+    """Constant-size state; max_len only bounds the positions."""
+    check_decodable(self.config, max_len)
+    return MambaState(jnp.zeros((batch, self.config.d_conv - 1, self.inner), dtype),
+                      jnp.zeros((batch, self.inner, self.config.d_state), jnp.float32), zero_index())
+
+  def _decode(self, x: jax.Array, cache: MambaState) -> tuple[jax.Array, MambaState]:
+    """The forward pass continued from cache: the convolution sees the cached inputs, the scan its state."""
+    n, t = self.config.d_state, x.shape[1]
+    xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
+    conv_state = jnp.concatenate([cache.conv, xs.astype(cache.conv.dtype)], axis=1)[:, t:]
+    xs = jax.nn.silu(self.conv(xs, previous=cache.conv))
+    dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + n], axis=-1)
+    delta = jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    if t == 1:
+      y, ssm = selective_scan_step(xs[:, 0], delta[:, 0], a, b[:, 0], c[:, 0], cache.ssm, D=self.D[...], z=z[:, 0],
+                                   dt_softplus=False)
+      y = y[:, None]
+    else:
+      y, ssm = selective_scan(xs, delta, a, b, c, D=self.D[...], z=z, dt_softplus=False, initial_state=cache.ssm,
+                              return_final_state=True, impl=self.config.impl)
+    return self.out_proj(y), MambaState(conv_state, ssm, cache.index + t)

@@ -18,17 +18,18 @@ constant before the exp, which must cancel between numerator and normaliser:
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention.cache import check_decodable, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_positive
-from efficient_attention.variants.linear import feature_attention
+from efficient_attention.variants.linear import empty_feature_state, feature_attention, feature_attention_cached
 from kernels.linear_attention.api import IMPLEMENTATIONS
 
 f32 = jnp.float32
@@ -42,7 +43,8 @@ class PerformerConfig(AttentionConfig):
   # Draw new random features on every training-mode call (not after model.eval()), from the `params`
   # stream of the rngs the module was built with; the last draw is kept for evaluation.
   redraw_features: bool = False
-  # Prefix-scan implementation for the causal form (kernels.linear_attention): "xla" (the jnp reference) or "auto".
+  # Prefix-scan implementation for the causal form (kernels.linear_attention): "xla" (the jnp reference), "pallas"
+  # (the kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
   impl: str = "auto"
   # Tokens per chunk of the causal scan.
   chunk_size: int = 64
@@ -85,18 +87,29 @@ def key_features(
   The shift is the running (causal) or global (bidirectional) max logit over real keys; see the
   module docstring. Padded keys take no part in it, so their contents cannot change real outputs.
   """
+  features, decay, _ = _key_features(k, w, causal=causal, key_mask=key_mask)
+  return features, decay
+
+
+def _key_features(k, w, *, causal, key_mask=None, initial_shift=None):
+  """key_features, continuing a causal running max from initial_shift [B, Hkv] (-inf: no key yet); also
+  returns the running max after the last key [B, Hkv] (None when bidirectional)."""
   logits = _feature_logits(k, w)
   real = jnp.ones(k.shape[:3], bool) if key_mask is None else jnp.broadcast_to(key_mask[:, :, None], k.shape[:3])
   peak = jnp.where(real, jnp.max(jax.lax.stop_gradient(logits), axis=-1), -jnp.inf)  # [B, T, Hkv]
-  shift = jax.lax.cummax(peak, axis=1) if causal else jnp.max(peak, axis=1, keepdims=True)
+  if causal:
+    start = jnp.full_like(peak[:, :1], -jnp.inf) if initial_shift is None else initial_shift[:, None]
+    shift = jax.lax.cummax(jnp.concatenate([start, peak], axis=1), axis=1)[:, 1:]
+  else:
+    shift = jnp.max(peak, axis=1, keepdims=True)
   # -inf until the first real key: nothing has been accumulated yet, so any finite shift will do.
   safe_shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   features = jnp.exp(jnp.where(real[..., None], logits - safe_shift[..., None], -jnp.inf)) / math.sqrt(w.shape[0])
   if not causal:
-    return features, None
-  previous = jnp.pad(shift, ((0, 0), (1, 0), (0, 0)), constant_values=-jnp.inf)[:, :-1]
+    return features, None, None
+  previous = jnp.concatenate([start, shift[:, :-1]], axis=1)
   decay = jnp.where(jnp.isfinite(previous), previous, safe_shift) - safe_shift
-  return features, decay
+  return features, decay, shift[:, -1]
 
 
 def performer_attention(
@@ -119,6 +132,15 @@ def performer_attention(
       query_features(q, w), phi_k, v, causal=causal, key_mask=key_mask, decay=decay, impl=impl,
       chunk_size=chunk_size,
   )
+
+
+class PerformerState(NamedTuple):
+  """Decoding cache: the scan state [B, H, M, D + 1] fp32 in units of exp(-shift), the running max key logit
+  shift [B, Hkv] fp32 (-inf before the first key); both constant in size."""
+
+  state: jax.Array
+  shift: jax.Array
+  index: jax.Array  # int32 [], tokens seen so far
 
 
 class RandomFeatures(nnx.Variable):
@@ -149,3 +171,18 @@ class Performer(HeadAttention):
         q, k, v, self.features[...], causal=self.config.causal, key_mask=mask, impl=self.config.impl,
         chunk_size=self.config.chunk_size,
     )
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> PerformerState:
+    """Constant-size state; max_len only bounds the positions. Decoding uses the current features (no redraw)."""
+    check_decodable(self.config, max_len)
+    return PerformerState(
+        empty_feature_state(batch, self.config.num_heads, self.config.num_features, self.head_dim),
+        jnp.full((batch, self.qkv.num_kv_heads), -jnp.inf, f32), zero_index(),
+    )
+
+  def attend_cached(self, x, q, k, v, cache):
+    w = self.features[...]
+    phi_k, decay, shift = _key_features(k, w, causal=True, initial_shift=cache.shift)
+    y, state = feature_attention_cached(query_features(q, w), phi_k, v, cache.state, decay=decay,
+                                        impl=self.config.impl, chunk_size=self.config.chunk_size)
+    return y, PerformerState(state, shift, cache.index + x.shape[1])

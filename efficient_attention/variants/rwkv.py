@@ -16,17 +16,19 @@ after it is an extra feed-forward layer. Causal only.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention.cache import check_decodable, zero_index
 from efficient_attention.config import MixerConfig
-from efficient_attention.layers import check_padding_mask
+from efficient_attention.layers import check_no_mask_with_cache, check_padding_mask
+from efficient_attention.parallel import sequence_linear_attention
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_divisible, check_positive
-from kernels.linear_attention import linear_attention
+from kernels.linear_attention import linear_attention, linear_attention_step
 from kernels.linear_attention.api import IMPLEMENTATIONS
 
 f32 = jnp.float32
@@ -53,7 +55,8 @@ class RWKVConfig(MixerConfig):
   decay_rank: int = 64
   # Hidden width of channel mixing as a multiple of the model width (3.5 in RWKV-6).
   ffn_multiplier: float = 3.5
-  # Prefix-scan implementation (kernels.linear_attention): "xla" (the jnp reference) or "auto".
+  # Prefix-scan implementation (kernels.linear_attention): "xla" (the jnp reference), "pallas"
+  # (the kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
   impl: str = "auto"
   # Tokens per chunk of the scan; with a per-channel decay the reference holds [chunk, chunk, D] per head.
   chunk_size: int = 32
@@ -72,9 +75,11 @@ class RWKVConfig(MixerConfig):
     check_divisible("width", width, "num_heads", self.num_heads)
 
 
-def token_shift(x: jax.Array) -> jax.Array:
-  """x_{t-1} for x [B, T, C], zeros at t = 0."""
-  return jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+def token_shift(x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
+  """x_{t-1} for x [B, T, C]: at t = 0 zeros, or previous [B, C] (the token before x, when decoding)."""
+  if previous is None:
+    return jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  return jnp.concatenate([previous[:, None].astype(x.dtype), x[:, :-1]], axis=1)
 
 
 def rwkv6_recurrence(
@@ -94,9 +99,52 @@ def rwkv6_recurrence(
   step makes S'_t = S_{t-1}, and the bonus term is added per token.
   """
   delay = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
-  past = linear_attention(r, delay(k), delay(v), decay=delay(log_w), impl=impl, chunk_size=chunk_size)
+  # Split over the sequence axis when a sequence-parallel mesh is active (efficient_attention.parallel).
+  past = sequence_linear_attention(r, delay(k), delay(v), decay=delay(log_w), impl=impl, chunk_size=chunk_size)
   bonus = jnp.sum(r.astype(f32) * u.astype(f32) * k.astype(f32), axis=-1, keepdims=True) * v.astype(f32)
   return past.astype(f32) + bonus
+
+
+def rwkv6_recurrence_cached(
+    r: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_w: jax.Array,
+    u: jax.Array,
+    state: jax.Array,
+    *,
+    impl: str = "auto",
+    chunk_size: int = 32,
+) -> tuple[jax.Array, jax.Array]:
+  """`rwkv6_recurrence` continued from state [B, H, K, V] fp32, the S after the previous token.
+
+  Returns (o [B, T, H, V] fp32, S after the last of the T tokens).
+  """
+  t = r.shape[1]
+  if t == 1:
+    r1, k1, v1, w1 = r[:, 0], k[:, 0], v[:, 0], log_w[:, 0]
+    # r^T (S + (u * k) v^T) is the output with its bonus term; the state step itself has no bonus.
+    o, _ = linear_attention_step(r1, k1 * u.astype(k1.dtype), v1, state)
+    _, state = linear_attention_step(r1, k1, v1, state, decay=w1)
+    return o.astype(f32)[:, None], state
+  delay = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+  # As in rwkv6_recurrence; the scan then ends at S_{T-1}, and one more update folds in the last token.
+  past, state = linear_attention(r, delay(k), delay(v), decay=delay(log_w), initial_state=state,
+                                 return_final_state=True, impl=impl, chunk_size=min(chunk_size, t))
+  last_kv = k[:, -1].astype(f32)[..., :, None] * v[:, -1].astype(f32)[..., None, :]
+  state = jnp.exp(log_w[:, -1].astype(f32))[..., None] * state + last_kv
+  bonus = jnp.sum(r.astype(f32) * u.astype(f32) * k.astype(f32), axis=-1, keepdims=True) * v.astype(f32)
+  return past.astype(f32) + bonus, state
+
+
+class RWKVState(NamedTuple):
+  """Decoding cache, constant in size: the time-mixing state [B, H, D, D] fp32 and the last inputs of time
+  and channel mixing [B, C] fp32 (their token shift)."""
+
+  state: jax.Array
+  time_shift: jax.Array
+  channel_shift: jax.Array
+  index: jax.Array  # int32 [], tokens seen so far
 
 
 def _channel_fraction(width: int) -> jax.Array:
@@ -150,10 +198,12 @@ class TimeMix(nnx.Module):
     y = ((y - mean) * jax.lax.rsqrt(var + _HEAD_NORM_EPS)).reshape(*y.shape[:2], -1)
     return y * self.norm_scale[...].astype(f32) + self.norm_bias[...].astype(f32)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, carry: tuple[jax.Array, jax.Array] | None = None):
+    """x [B, T, C] -> [B, T, C]; with carry = (state [B, H, D, D], previous input [B, C]) when decoding,
+    (y, the state after the last token)."""
     b, t, c = x.shape
     x = x.astype(self.dtype)
-    delta = token_shift(x) - x
+    delta = token_shift(x, None if carry is None else carry[1]) - x
     # ddlerp: the interpolation weights between x_t and x_{t-1} depend on the data through a low-rank map.
     probe = x + delta * self.mix_x[...].astype(self.dtype)
     low = jnp.tanh(probe @ self.mix_down[...].astype(self.dtype)).reshape(b, t, _MIXED_INPUTS, -1)
@@ -174,8 +224,14 @@ class TimeMix(nnx.Module):
       k = jnp.where(keep, k, 0)
       log_w = jnp.where(keep, log_w, 0.0)
 
-    y = rwkv6_recurrence(r, k, v, log_w, self.bonus[...], impl=self.config.impl, chunk_size=self.config.chunk_size)
-    return self.output((self._head_norm(y) * gate.astype(f32)).astype(self.dtype))
+    if carry is None:
+      y = rwkv6_recurrence(r, k, v, log_w, self.bonus[...], impl=self.config.impl,
+                           chunk_size=self.config.chunk_size)
+    else:
+      y, state = rwkv6_recurrence_cached(r, k, v, log_w, self.bonus[...], carry[0], impl=self.config.impl,
+                                         chunk_size=self.config.chunk_size)
+    out = self.output((self._head_norm(y) * gate.astype(f32)).astype(self.dtype))
+    return out if carry is None else (out, state)
 
 
 class ChannelMix(nnx.Module):
@@ -190,9 +246,10 @@ class ChannelMix(nnx.Module):
     dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.key, self.value, self.receptance = dense(width, hidden), dense(hidden, width), dense(width, width)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, previous: jax.Array | None = None) -> jax.Array:
+    """previous [B, C]: the input before x when decoding (zeros at the sequence start otherwise)."""
     x = x.astype(self.dtype)
-    delta = token_shift(x) - x
+    delta = token_shift(x, previous) - x
     x_k = x + delta * self.mix_k[...].astype(self.dtype)
     x_r = x + delta * self.mix_r[...].astype(self.dtype)
     return jax.nn.sigmoid(self.receptance(x_r)) * self.value(jnp.square(jax.nn.relu(self.key(x_k))))
@@ -208,8 +265,15 @@ class RWKV(nnx.Module):
     self.norm = nnx.LayerNorm(width, dtype=f32, param_dtype=param_dtype, rngs=rngs)
     self.channel_mix = ChannelMix(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, cache: RWKVState | None = None):
+    """x [B, T, C] -> [B, T, C]; with a cache, (y, the cache advanced by T)."""
     mask = check_padding_mask(mask, x)
+    if cache is not None:
+      check_no_mask_with_cache(mask)
+      h, state = self.time_mix(x, None, carry=(cache.state, cache.time_shift))
+      between = self.norm(x.astype(f32) + h.astype(f32))
+      y = h + self.channel_mix(between, previous=cache.channel_shift)
+      return y, RWKVState(state, x[:, -1].astype(f32), between[:, -1].astype(f32), cache.index + x.shape[1])
     if mask is not None:
       # Token shift reads x_{t-1}: a padded neighbour must look like the zero before the sequence start.
       x = jnp.where(mask[..., None], x, 0)
@@ -218,3 +282,11 @@ class RWKV(nnx.Module):
     if mask is not None:
       between = jnp.where(mask[..., None], between, 0)
     return h + self.channel_mix(between)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> RWKVState:
+    """Constant-size state (max_len only bounds the positions); dtype is unused, every part is fp32."""
+    check_decodable(self.config, max_len)
+    heads, head_dim = self.time_mix.num_heads, self.time_mix.head_dim
+    width = heads * head_dim
+    return RWKVState(jnp.zeros((batch, heads, head_dim, head_dim), f32), jnp.zeros((batch, width), f32),
+                     jnp.zeros((batch, width), f32), zero_index())

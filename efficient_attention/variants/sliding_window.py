@@ -6,14 +6,19 @@ Both run blockwise (efficient_attention.blocked_attention): memory O(T * w), nev
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from efficient_attention.blocked_attention import band_attention
+from efficient_attention.cache import (
+    RingCache, check_decodable, decode_impl, empty_kv, ring_cache_attention, zero_index,
+)
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
+from efficient_attention.parallel import active_layout
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice, check_count
-from efficient_attention.variants.full import flash_with_padding_mask
+from efficient_attention.variants.full import flash_with_padding_mask, ring_with_padding_mask
 
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -94,6 +99,19 @@ class BandAttention(HeadAttention):
 
   def attend(self, x, q, k, v, mask):
     lo, hi = self.config.band()
+    if active_layout() is not None:
+      # Ring attention visits only the neighbouring blocks the band reaches.
+      return ring_with_padding_mask(q, k, v, causal=self.config.causal, key_mask=mask, window=(-lo, hi),
+                                    impl=self.config.impl)
     if self.config.impl == "pallas":
       return flash_with_padding_mask(q, k, v, causal=self.config.causal, key_mask=mask, window=(-lo, hi))
     return band_attention(q, k, v, lo=lo, hi=hi, key_mask=mask)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> RingCache:
+    """A ring of the last min(window, max_len) positions' keys and values: k/v [B, W, Hkv, D]."""
+    check_decodable(self.config, max_len)
+    size = min(self.config.window, max_len)
+    return RingCache(*empty_kv(batch, size, self.qkv.num_kv_heads, self.qkv.head_dim, dtype), zero_index())
+
+  def attend_cached(self, x, q, k, v, cache):
+    return ring_cache_attention(q, k, v, cache, window=self.config.window, impl=decode_impl(self.config.impl))

@@ -96,4 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   train.eval_batches = -1
   train.checkpoint_every = 500
   train.max_checkpoints = 2
+  # Device mesh (--mesh): "" puts every device on the data axis; "data:2,sequence:2" also splits each
+  # sequence over 2 devices (ring attention, sequence-parallel scans). Sizes multiply to the device count.
+  train.mesh = ""
+  # Shard parameters and optimizer state over the data axis (FSDP) instead of replicating them.
+  train.fsdp = False
   return config

@@ -1,15 +1,22 @@
-"""Public selective-scan ops: validate arguments, pick an implementation.
+"""Public selective-scan ops: validate arguments, pick an implementation, wire the Pallas kernels' VJP."""
 
-Gradients come from autodiff of the reference until a Pallas kernel with its own backward lands.
-"""
+import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from kernels.selective_scan import reference
+from kernels.selective_scan import pallas_gpu, reference
 
-# "xla": the chunked jnp reference. "auto": the fastest available for the platform, today the reference.
-IMPLEMENTATIONS = ("xla", "auto")
+# "xla": the chunked jnp reference (autodiff for gradients). "pallas": the fused Pallas kernels with their own
+# backward (interpret mode off GPU). "auto": Pallas on GPU, the reference elsewhere.
+IMPLEMENTATIONS = ("xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
 
 
 def _check_shape(name: str, array: jax.Array | None, expected: tuple[int, ...], letters: str) -> None:
@@ -68,6 +75,7 @@ def selective_scan(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_sizes: pallas_gpu.BlockSizes | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Mamba-1 selective scan over a sequence.
 
@@ -81,8 +89,11 @@ def selective_scan(
     D: optional [Dm] skip connection. z: optional [B, L, Dm] gate. dt_bias: optional [Dm].
     initial_state: optional [B, Dm, N] (computed in fp32); zeros when None.
     return_final_state: also return the state after the last token, [B, Dm, N] fp32.
-    impl: one of IMPLEMENTATIONS.
+    impl: "xla" (the reference), "pallas" (fused kernels; interpret mode off GPU) or "auto" (Pallas on GPU,
+      the reference elsewhere).
     chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
+    block_sizes: tiles of the Pallas kernels (default `BlockSizes.get_default(N)`, block_d shrunk to divide
+      Dm / G); the backward keeps B * ceil(L / block_sizes.chunk) * Dm * N fp32 checkpoint states.
 
   Returns:
     y [B, L, Dm] in x.dtype, or (y, final_state) if return_final_state.
@@ -94,11 +105,75 @@ def selective_scan(
     raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
+  if impl == "auto":
+    impl = "pallas" if _on_gpu() else "xla"
+  if impl == "pallas":
+    y, state = _pallas_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                            initial_state=initial_state, block_sizes=block_sizes)
+    return (y, state) if return_final_state else y
   y, state = reference.selective_scan_chunked(
       x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
       initial_state=initial_state, chunk_size=chunk_size,
   )
   return (y, state) if return_final_state else y
+
+
+def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, block_sizes):
+  """Pads N to a power of two (Triton tiles), adds the group axis to B/C, and calls the custom-VJP kernels."""
+  n = A.shape[1]
+  B, C = reference.as_grouped(B, 2), reference.as_grouped(C, 2)
+  per_group = x.shape[2] // B.shape[2]
+  n_pad = pl.next_power_of_2(n) - n
+  if block_sizes is None:
+    blocks = pallas_gpu.BlockSizes.get_default(n + n_pad).fitted(per_group)
+  elif isinstance(block_sizes, pallas_gpu.BlockSizes):
+    blocks = block_sizes
+    blocks.validate(per_group)
+  else:
+    raise ValueError(f"block_sizes={block_sizes!r} is not valid; pass a kernels.selective_scan.pallas_gpu.BlockSizes")
+  if n_pad:
+    # Zero A columns keep the padded states at exp(0) h = h, zero B rows never feed them, zero C rows never
+    # read them, so they stay at their (zero) initial value and add nothing.
+    pad_last = lambda a: None if a is None else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n_pad)])
+    A, B, C, initial_state = map(pad_last, (A, B, C, initial_state))
+  static = pallas_gpu.Static(
+      length=x.shape[1], chunk=blocks.chunk, channels_per_group=per_group, dt_softplus=dt_softplus,
+      has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
+      has_initial_state=initial_state is not None,
+  )
+  y, state = _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, _Config(static, blocks, not _on_gpu()))
+  return y, state[..., :n]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  static: pallas_gpu.Static
+  blocks: pallas_gpu.BlockSizes
+  interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, config: _Config):
+  y, state, _ = pallas_gpu.forward(x, dt, A, B, C, D, z, dt_bias, initial_state, static=config.static,
+                                   blocks=config.blocks, save_states=False, interpret=config.interpret)
+  return y, state
+
+
+def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, config: _Config):
+  inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+  y, state, checkpoints = pallas_gpu.forward(*inputs, static=config.static, blocks=config.blocks,
+                                             save_states=True, interpret=config.interpret)
+  return (y, state), (inputs, checkpoints)
+
+
+def _scan_bwd(config: _Config, residuals, cotangents):
+  inputs, checkpoints = residuals
+  dy, dstate = cotangents
+  return pallas_gpu.backward(*inputs, checkpoints, dy, dstate, static=config.static, blocks=config.blocks,
+                             interpret=config.interpret)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def selective_scan_step(

@@ -1,0 +1,30 @@
+"""The block-sparse kernel (kernels.block_sparse) behind the `impl="pallas"` paths of the sparse mixers."""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.block_sparse import BlockMask, block_sparse_attention
+
+# Largest kernel tile: the GPU kernels' best measured tile for bf16, D <= 128 (kernels/flash_attention).
+MAX_TILE = 128
+
+
+def kernel_tile(length: int) -> int:
+  """Mask tile for a sequence of `length`: a power of two in [16, MAX_TILE], no larger than the padded length."""
+  return min(MAX_TILE, max(16, pl.next_power_of_2(length)))
+
+
+def block_sparse_with_padding_mask(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, key_mask: jax.Array | None
+) -> jax.Array:
+  """block_sparse_attention (impl="pallas") with a [B, S] padding mask, which must be right padding.
+
+  The kernel takes padding as lengths; a row whose mask has a hole comes out as NaN rather than silently wrong.
+  """
+  if key_mask is None:
+    return block_sparse_attention(q, k, v, mask, impl="pallas")
+  lengths = key_mask.sum(axis=1, dtype=jnp.int32)
+  right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
+  o = block_sparse_attention(q, k, v, mask, kv_lengths=lengths, impl="pallas")
+  return jnp.where(right_padded[:, None, None, None], o, jnp.nan)

@@ -1,0 +1,238 @@
+"""Scaling beyond one device: data-parallel training throughput, and the longest sequence that trains.
+
+  python -m experiments.bench.parallel --out=benchmarks/results
+
+Part 1 (data parallelism): tokens/s of the full training step (experiments.trainer.train_step: forward,
+backward, AdamW update) of one decoder at a fixed batch per device, on 1 device and on meshes data:N; the
+speedup is throughput(N) / throughput(1), measured in the same process.
+
+Part 2 (ring attention): the longest sequence (batch 1) whose training step runs, on 1 device and with the
+sequence split over N devices (mesh sequence:N, ring attention in every layer). On 1 device lengths double
+from --start_len until a step fails for lack of memory (or halve until one runs), then bisect --bisect times;
+on N devices the search starts at N times the 1-device length. To make the search short,
+run with XLA_PYTHON_CLIENT_MEM_FRACTION set (e.g. 0.25): every device then has the same smaller memory, and
+the ratio between the lengths is what the result is about. The JSON records the fraction used.
+"""
+
+import gc
+import os
+import time
+import traceback
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from efficient_attention import DecoderConfig, parallel
+from experiments.bench.timing import environment, write_results
+from experiments.configs.common import base_config
+from experiments.data import shard_batch
+from experiments.trainer import create, train_step
+
+_OUT = flags.DEFINE_string("out", "benchmarks/results", "Directory the JSON and markdown go to.")
+_VARIANT = flags.DEFINE_string("variant", "flash", "Sequence mixer of every layer.")
+_WIDTH = flags.DEFINE_integer("width", 1024, "Model width C.")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
+_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads (head_dim = width / heads).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Part 1: sequence length.")
+_BATCH_PER_DEVICE = flags.DEFINE_integer("batch_per_device", 8, "Part 1: sequences per device.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Part 1: timed steps per mesh (median reported).")
+_DEVICES = flags.DEFINE_list("devices", [], "Device counts to measure; default 1, 2, 4, ... up to all devices.")
+_START_LEN = flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence length tried on 1 device.")
+_BISECT = flags.DEFINE_integer("bisect", 1, "Part 2: bisection steps after the first failing length.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.")
+_PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
+
+_VOCAB = 256
+
+
+def _model_config(max_len: int) -> DecoderConfig:
+  return DecoderConfig(
+      vocab_size=_VOCAB, width=_WIDTH.value, num_layers=_LAYERS.value, num_heads=_HEADS.value,
+      variant=_VARIANT.value, position="rope", max_len=max_len, mlp_ratio=4.0, dtype="bfloat16",
+      param_dtype="float32",
+  )
+
+
+def _train_config(batch_size: int):
+  train = base_config().train
+  train.batch_size = batch_size
+  return train
+
+
+def _batch(rng: np.random.Generator, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+  """A byte-LM batch of fresh random tokens (no padding): inputs, targets the next token, every token scored."""
+  tokens = rng.integers(0, _VOCAB, (batch, seq_len + 1), dtype=np.int32)
+  return {
+      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+      "mask": np.ones((batch, seq_len), bool), "weights": np.ones((batch, seq_len), np.float32),
+  }
+
+
+def _setup(n: int, spec: str, batch: int, seq_len: int):
+  mesh = parallel.make_mesh(spec, devices=jax.devices()[:n])
+  train = _train_config(batch)
+  model, optimizer = create(_model_config(seq_len), 0, train, mesh)
+  return mesh, model, optimizer
+
+
+def throughput(devices: list[int]) -> list[dict]:
+  rows = []
+  rng = np.random.default_rng(0)
+  for n in devices:
+    batch = _BATCH_PER_DEVICE.value * n
+    try:
+      mesh, model, optimizer = _setup(n, f"data:{n},sequence:1", batch, _SEQ_LEN.value)
+      batches = [shard_batch(_batch(rng, batch, _SEQ_LEN.value), mesh) for _ in range(3)]
+      key = jax.random.key(0)
+      # As in the trainer: cached_partial skips nnx.jit's per-call graph traversal, which is not device work.
+      step = nnx.cached_partial(train_step, model, optimizer)
+      with parallel.sequence_parallel(mesh):
+        for i in range(3):
+          jax.block_until_ready(step(batches[i % 3], key, 1.0))
+        times = []
+        for i in range(_ITERS.value):
+          start = time.perf_counter()
+          jax.block_until_ready(step(batches[i % 3], key, 1.0))
+          times.append(time.perf_counter() - start)
+      seconds = float(np.median(times))
+      rows.append({"devices": n, "global_batch": batch, "seq_len": _SEQ_LEN.value, "step_ms": seconds * 1e3,
+                   "tokens_per_sec": batch * _SEQ_LEN.value / seconds})
+      print(rows[-1], flush=True)
+    except Exception:  # noqa: BLE001 - one failing mesh must not lose the others' rows
+      traceback.print_exc()
+      rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
+    finally:
+      gc.collect()
+  base = next((r["tokens_per_sec"] for r in rows if r.get("devices") == 1 and "tokens_per_sec" in r), None)
+  for row in rows:
+    if base and "tokens_per_sec" in row:
+      row["speedup"] = row["tokens_per_sec"] / base
+  return rows
+
+
+def _out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
+
+
+def _trains(n: int, seq_len: int) -> bool:
+  """Whether one training step at batch 1, length seq_len, sequence split over n devices, runs."""
+  spec = f"data:1,sequence:{n}"
+  try:
+    mesh, model, optimizer = _setup(n, spec, 1, seq_len)
+    batch = shard_batch(_batch(np.random.default_rng(seq_len), 1, seq_len), mesh)
+    with parallel.sequence_parallel(mesh):
+      metrics = jax.block_until_ready(train_step(model, optimizer, batch, jax.random.key(0), 1.0))
+    ok = bool(np.isfinite(float(metrics["loss"])))
+    print(f"  {n} device(s), T={seq_len}: {'trains' if ok else 'non-finite loss'}", flush=True)
+    return ok
+  except Exception as error:  # noqa: BLE001 - out of memory is the answer being searched for
+    if not _out_of_memory(error):
+      raise
+    print(f"  {n} device(s), T={seq_len}: out of memory", flush=True)
+    return False
+  finally:
+    jax.clear_caches()
+    gc.collect()
+
+
+def longest(devices: list[int]) -> list[dict]:
+  """Per device count: the longest T that trains. After the first count, the search starts at n times the
+  first count's result (the length the claim is about), which saves most of the doubling."""
+  rows, base = [], None
+  for n in devices:
+    # Ring zig-zag needs T divisible by 2n; a multiple of 1024 * n keeps kernel tiles whole too.
+    unit = 1024 * n
+    try:
+      start = base * n // devices[0] if base else _START_LEN.value
+      seq_len = max(unit, start // unit * unit)
+      good, bad = 0, None
+      if _trains(n, seq_len):
+        good = seq_len
+        while bad is None and good * 2 <= _MAX_LEN.value:
+          if _trains(n, good * 2):
+            good *= 2
+          else:
+            bad = good * 2
+      else:
+        bad = seq_len
+        while not good and bad > unit:
+          candidate = max(unit, bad // 2 // unit * unit)
+          if _trains(n, candidate):
+            good = candidate
+          else:
+            bad = candidate
+      for _ in range(_BISECT.value if bad and good else 0):
+        middle = (good + bad) // 2 // unit * unit
+        if middle in (good, bad):
+          break
+        if _trains(n, middle):
+          good = middle
+        else:
+          bad = middle
+      rows.append({"devices": n, "longest_seq_len": good, "first_failing": bad})
+      base = base or good
+    except Exception:  # noqa: BLE001 - keep the other device counts' rows
+      traceback.print_exc()
+      rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
+    print(rows[-1], flush=True)
+  first = next((r["longest_seq_len"] for r in rows if r.get("devices") == 1 and r.get("longest_seq_len")), None)
+  for row in rows:
+    if first and row.get("longest_seq_len"):
+      row["vs_one_device"] = row["longest_seq_len"] / first
+  return rows
+
+
+def _table(throughput_rows: list[dict], longest_rows: list[dict], setting: str) -> str:
+  lines = [setting, ""]
+  if throughput_rows:
+    lines += ["| devices | global batch | step ms | tokens/s | speedup vs 1 |", "|---|---|---|---|---|"]
+    for r in throughput_rows:
+      if "error" in r:
+        lines.append(f"| {r['devices']} | error: {r['error'].splitlines()[-1][:80]} | | | |")
+      else:
+        lines.append(f"| {r['devices']} | {r['global_batch']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:.0f} | "
+                     f"{r.get('speedup', float('nan')):.2f}x |")
+    lines.append("")
+  if longest_rows:
+    lines += ["| devices (sequence axis) | longest T that trains | first T out of memory | vs 1 device |",
+              "|---|---|---|---|"]
+    for r in longest_rows:
+      if "error" in r:
+        lines.append(f"| {r['devices']} | error: {r['error'].splitlines()[-1][:80]} | | |")
+      else:
+        lines.append(f"| {r['devices']} | {r['longest_seq_len']} | {r['first_failing']} | "
+                     f"{r.get('vs_one_device', float('nan')):.2f}x |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  available = jax.device_count()
+  devices = [int(d) for d in _DEVICES.value] or [n for n in (1, 2, 4, 8, 16) if n <= available]
+  devices = [n for n in devices if n <= available]
+  env = environment()
+  env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
+  setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
+             f"compute / fp32 params, AdamW; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
+             f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
+  throughput_rows, longest_rows = [], []
+
+  def write():
+    rows = [{"part": "throughput", **r} for r in throughput_rows] + [{"part": "longest", **r} for r in longest_rows]
+    write_results(_OUT.value, "parallel", {**env, "setting": setting}, rows,
+                  _table(throughput_rows, longest_rows, setting))
+
+  # Written after each part, so a run stopped by a time limit keeps what it measured.
+  if "throughput" in _PARTS.value:
+    throughput_rows = throughput(devices)
+    write()
+  if "longest" in _PARTS.value:
+    longest_rows = longest(devices)
+    write()
+
+
+if __name__ == "__main__":
+  app.run(main)

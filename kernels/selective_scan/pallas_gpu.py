@@ -1,0 +1,348 @@
+"""Mamba-1 selective scan as Pallas kernels for GPUs (Triton lowering), interpretable on CPU.
+
+One program per (batch row, block of Dm channels) holds its fp32 state [block_d, N] in registers and walks the
+sequence in order; nothing of size [B, L, Dm, N] ever reaches HBM. The Dm channels of a block share one group of
+B/C, so block_d divides Dm / G.
+
+Time is walked in chunks of `chunk` tokens, each unrolled in Python: every token's x/dt/z/B/C row of a chunk is
+loaded before the first recurrence step, so those loads (which do not depend on the state) are in flight
+together and the unrolled steps leave the compiler room to overlap one token's C contraction with the next
+token's update. A length that is not a multiple of the chunk ends with a shorter, statically sized tail chunk,
+so no load or store is ever masked.
+
+Backward: the forward (when differentiated) also writes the state at the start of every chunk,
+[B, ceil(L / chunk), Dm, N] fp32. The backward walks the chunks in reverse; for each it recomputes the chunk's
+states from that checkpoint (in registers), then runs the reverse recurrence through the chunk:
+
+  dh_t   = dp_t C_t + exp(delta_{t+1} A) dh_{t+1}          (dh_L = cotangent of the final state)
+  dp_t   = dy_t silu(z_t),   p_t = C_t . h_t
+  dA    += dh_t exp(delta_t A) h_{t-1} delta_t
+  ddelta = sum_n dh_t (exp(delta_t A) h_{t-1} A + B_t x_t)
+  dx     = D dp_t + delta_t sum_n dh_t B_t,   dB_t = sum_d dh_t delta_t x_t,   dC_t = sum_d dp_t h_t
+
+dB/dC are sums over channels, which live in different programs: each program writes its partial sum
+[B, L, Dm / block_d, N] and a jnp sum finishes it (deterministic, no atomics). dA, dD and d(dt_bias) are
+accumulated in registers over the sequence and summed over the batch the same way.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes and Triton launch parameters.
+
+  block_d: channels per program (a power of two dividing Dm / G). Small, so that B * Dm / block_d programs
+    fill the GPU's SMs (the scan has no parallelism along L within a program).
+  chunk: tokens per unrolled chunk, and the interval between the state checkpoints the backward recomputes from.
+  block_d_bwd, num_warps_bwd: the backward kernel's; None takes the forward's.
+  """
+
+  block_d: int = 16
+  chunk: int = 16
+  num_warps: int = 4
+  num_stages: int = 1
+  block_d_bwd: int | None = None
+  num_warps_bwd: int | None = None
+
+  @classmethod
+  def get_default(cls, state_size: int = 16) -> "BlockSizes":
+    """At most 256 state elements [block_d, N] per program: the backward keeps a chunk's states in registers."""
+    return cls(block_d=max(1, min(16, 256 // state_size)))
+
+  @property
+  def backward_block_d(self) -> int:
+    return self.block_d if self.block_d_bwd is None else self.block_d_bwd
+
+  @property
+  def backward_num_warps(self) -> int:
+    return self.num_warps if self.num_warps_bwd is None else self.num_warps_bwd
+
+  def fitted(self, channels_per_group: int) -> "BlockSizes":
+    """Halves block_d (forward and backward) until it divides Dm / G, so a block never spans two groups."""
+    fit = lambda b: b if channels_per_group % b == 0 else fit(b // 2)
+    return dataclasses.replace(self, block_d=fit(self.block_d), block_d_bwd=fit(self.backward_block_d))
+
+  def validate(self, channels_per_group: int) -> None:
+    for name in ("block_d", "block_d_bwd", "chunk", "num_warps", "num_stages", "num_warps_bwd"):
+      value = getattr(self, name)
+      if (value is not None or not name.endswith("_bwd")) and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"block_sizes.{name}={value!r} is not valid; it must be a positive int")
+    for name, value in (("block_d", self.block_d), ("block_d_bwd", self.backward_block_d)):
+      if value & (value - 1) or channels_per_group % value:
+        raise ValueError(f"block_sizes.{name}={value} is not valid; it must be a power of two dividing "
+                         f"Dm / G = {channels_per_group}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything the kernels specialise on."""
+
+  length: int
+  chunk: int
+  channels_per_group: int
+  dt_softplus: bool
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  has_initial_state: bool
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.length // self.chunk)
+
+
+def _softplus(u):
+  # The overflow-free form jax.nn.softplus uses: max(u, 0) + log1p(exp(-|u|)).
+  return jnp.maximum(u, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(u)))
+
+
+def _sigmoid(u):
+  return 1.0 / (1.0 + jnp.exp(-u))
+
+
+def _chunks(static: Static):
+  """(number of full chunks, tail length) of the sequence; the tail is 0 when chunk divides L."""
+  return static.length // static.chunk, static.length % static.chunk
+
+
+class _Refs:
+  """Names the kernel's positional refs; the optional inputs (D, z, dt_bias, initial state) may be absent."""
+
+  def __init__(self, refs, names):
+    for name, ref in zip(names, refs, strict=True):
+      setattr(self, name, ref)
+
+
+def _input_names(static: Static) -> list[str]:
+  names = ["x", "dt", "a", "b", "c"]
+  names += ["d"] * static.has_d + ["z"] * static.has_z + ["bias"] * static.has_bias
+  return names + ["h0"] * static.has_initial_state
+
+
+def _load_token(r: _Refs, static: Static, t, bias, with_dy=False):
+  """Row t of every per-token input as fp32: x, u (= dt + dt_bias), delta, B, C [N], z (or None), dy (or None)."""
+  x = r.x[t, :].astype(f32)
+  u = r.dt[t, :].astype(f32)
+  if bias is not None:
+    u = u + bias
+  delta = _softplus(u) if static.dt_softplus else u
+  z = r.z[t, :].astype(f32) if static.has_z else None
+  dy = r.dy[t, :].astype(f32) if with_dy else None
+  return x, u, delta, r.b[t, :].astype(f32), r.c[t, :].astype(f32), z, dy
+
+
+def _forward_kernel(*refs, static: Static, save_states: bool):
+  names = _input_names(static) + ["y", "h_final"] + ["states"] * save_states
+  r = _Refs(refs, names)
+  a = r.a[...].astype(f32)  # [bd, N]
+  d_skip = r.d[...].astype(f32) if static.has_d else None
+  bias = r.bias[...].astype(f32) if static.has_bias else None
+  h = r.h0[...].astype(f32) if static.has_initial_state else jnp.zeros(a.shape, f32)
+
+  def run_chunk(index, size, h):
+    start = index * static.chunk
+    if save_states:
+      r.states[index] = h
+    tokens = [_load_token(r, static, start + i, bias) for i in range(size)]
+    for i, (x, _, delta, b, c, z, _) in enumerate(tokens):
+      h = jnp.exp(delta[:, None] * a) * h + (delta * x)[:, None] * b[None, :]
+      y = jnp.sum(h * c[None, :], axis=1)
+      if d_skip is not None:
+        y = y + d_skip * x
+      if z is not None:
+        y = y * (z * _sigmoid(z))
+      r.y[start + i] = y.astype(r.y.dtype)
+    return h
+
+  full, tail = _chunks(static)
+  h = lax.fori_loop(0, full, lambda index, h: run_chunk(index, static.chunk, h), h)
+  if tail:
+    h = run_chunk(full, tail, h)
+  r.h_final[...] = h
+
+
+def _backward_kernel(*refs, static: Static):
+  names = _input_names(static) + ["states", "dy", "dh_final"]
+  names += ["dx", "ddt"] + ["dz"] * static.has_z + ["da", "db", "dc"] + ["dd"] * static.has_d
+  names += ["dbias"] * static.has_bias + ["dh0"] * static.has_initial_state
+  r = _Refs(refs, names)
+  a = r.a[...].astype(f32)
+  d_skip = r.d[...].astype(f32) if static.has_d else None
+  bias = r.bias[...].astype(f32) if static.has_bias else None
+  bd = a.shape[0]
+
+  def run_chunk(index, size, carry):
+    dh, da, dd, dbias = carry
+    start = index * static.chunk
+    tokens = [_load_token(r, static, start + i, bias, with_dy=True) for i in range(size)]
+    # Recompute the chunk's states from its checkpoint; states[i] is the state before token i.
+    states, decays = [r.states[index]], []
+    for x, _, delta, b, _, _, _ in tokens:
+      decays.append(jnp.exp(delta[:, None] * a))
+      states.append(decays[-1] * states[-1] + (delta * x)[:, None] * b[None, :])
+    for i in reversed(range(size)):
+      x, u, delta, b, c, z, dy = tokens[i]
+      t = start + i
+      dp = dy
+      if z is not None:
+        sig = _sigmoid(z)
+        out = jnp.sum(states[i + 1] * c[None, :], axis=1)
+        if d_skip is not None:
+          out = out + d_skip * x
+        r.dz[t] = (dy * out * sig * (1.0 + z * (1.0 - sig))).astype(r.dz.dtype)
+        dp = dy * (z * sig)
+      r.dc[t] = jnp.sum(dp[:, None] * states[i + 1], axis=0)
+      dh = dh + dp[:, None] * c[None, :]
+      decayed = decays[i] * states[i]
+      da = da + dh * decayed * delta[:, None]
+      ddelta = jnp.sum(dh * (decayed * a + x[:, None] * b[None, :]), axis=1)
+      r.db[t] = jnp.sum(dh * (delta * x)[:, None], axis=0)
+      dx = delta * jnp.sum(dh * b[None, :], axis=1)
+      if d_skip is not None:
+        dx = dx + d_skip * dp
+        dd = dd + dp * x
+      r.dx[t] = dx.astype(r.dx.dtype)
+      du = ddelta * _sigmoid(u) if static.dt_softplus else ddelta
+      r.ddt[t] = du.astype(r.ddt.dtype)
+      dbias = dbias + du
+      dh = dh * decays[i]
+    return dh, da, dd, dbias
+
+  zeros = jnp.zeros((bd,), f32)
+  carry = (r.dh_final[...].astype(f32), jnp.zeros(a.shape, f32), zeros, zeros)
+  full, tail = _chunks(static)
+  if tail:
+    carry = run_chunk(full, tail, carry)
+  carry = lax.fori_loop(0, full, lambda k, carry: run_chunk(full - 1 - k, static.chunk, carry), carry)
+  dh, da, dd, dbias = carry
+  r.da[...] = da
+  if static.has_d:
+    r.dd[...] = dd
+  if static.has_bias:
+    r.dbias[...] = dbias
+  if static.has_initial_state:
+    r.dh0[...] = dh
+
+
+def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
+  return None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+class _Specs:
+  """BlockSpecs for a grid (batch, Dm block) with blocks of bd channels."""
+
+  def __init__(self, static: Static, bd: int, n: int):
+    length, per_group = static.length, static.channels_per_group
+    self.seq = pl.BlockSpec((None, length, bd), lambda b, j: (b, 0, j))  # x, dt, z, y, dx, ...
+    # The block's group is its first channel's: j * bd // (Dm / G) (bd divides Dm / G).
+    self.bc = pl.BlockSpec((None, length, None, n), lambda b, j: (b, 0, j * bd // per_group, 0))
+    self.a = pl.BlockSpec((bd, n), lambda b, j: (j, 0))
+    self.channel = pl.BlockSpec((bd,), lambda b, j: (j,))
+    self.state = pl.BlockSpec((None, bd, n), lambda b, j: (b, j, 0))
+    self.states = pl.BlockSpec((None, static.num_chunks, bd, n), lambda b, j: (b, 0, j, 0))
+    self.partial_bc = pl.BlockSpec((None, length, None, n), lambda b, j: (b, 0, j, 0))
+    self.per_batch_channel = pl.BlockSpec((None, bd), lambda b, j: (b, j))
+
+  def inputs(self, static: Static) -> list[pl.BlockSpec]:
+    specs = [self.seq, self.seq, self.a, self.bc, self.bc]
+    specs += [self.channel] * static.has_d + [self.seq] * static.has_z + [self.channel] * static.has_bias
+    return specs + [self.state] * static.has_initial_state
+
+
+def _present(*arrays):
+  return [a for a in arrays if a is not None]
+
+
+def forward(x, dt, a, b, c, d, z, dt_bias, h0, *, static: Static, blocks: BlockSizes, save_states: bool,
+            interpret: bool):
+  """x/dt/z [B, L, Dm], a [Dm, N], b/c [B, L, G, N], d/dt_bias [Dm], h0 [B, Dm, N] (absent ones None).
+
+  Returns y [B, L, Dm] (x.dtype), final state [B, Dm, N] fp32, and when save_states the chunk-start states
+  [B, ceil(L / chunk), Dm, N] fp32 (else None).
+  """
+  batch, length, dm = x.shape
+  n = a.shape[1]
+  bd = blocks.block_d
+  specs = _Specs(static, bd, n)
+  out_specs = [specs.seq, specs.state]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, dm, n), f32)]
+  if save_states:
+    out_specs.append(specs.states)
+    out_shape.append(jax.ShapeDtypeStruct((batch, static.num_chunks, dm, n), f32))
+  outs = pl.pallas_call(
+      functools.partial(_forward_kernel, static=static, save_states=save_states),
+      grid=(batch, dm // bd),
+      in_specs=specs.inputs(static),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages, interpret),
+      interpret=interpret,
+      name="selective_scan_forward",
+  )(*_present(x, dt, a, b, c, d, z, dt_bias, h0))
+  return outs[0], outs[1], (outs[2] if save_states else None)
+
+
+def backward(x, dt, a, b, c, d, z, dt_bias, h0, states, dy, dh_final, *, static: Static, blocks: BlockSizes,
+             interpret: bool):
+  """Gradients of every input of `forward` given dy [B, L, Dm] and dh_final [B, Dm, N].
+
+  Returns (dx, ddt, da, db, dc, dd, dz, ddt_bias, dh0) in the primal dtypes (None for absent inputs);
+  db/dc [B, L, G, N].
+  """
+  batch, length, dm = x.shape
+  groups, n = b.shape[2], b.shape[3]
+  bd = blocks.backward_block_d
+  num_blocks = dm // bd
+  specs = _Specs(static, bd, n)
+  seq_like = lambda ref: jax.ShapeDtypeStruct(x.shape, ref.dtype)
+  partial_bc = jax.ShapeDtypeStruct((batch, length, num_blocks, n), f32)
+  per_batch_channel = jax.ShapeDtypeStruct((batch, dm), f32)
+  out_specs = [specs.seq, specs.seq] + [specs.seq] * static.has_z + [specs.state, specs.partial_bc,
+                                                                      specs.partial_bc]
+  out_shape = [seq_like(x), seq_like(dt)] + ([seq_like(z)] if static.has_z else [])
+  out_shape += [jax.ShapeDtypeStruct((batch, dm, n), f32), partial_bc, partial_bc]
+  if static.has_d:
+    out_specs.append(specs.per_batch_channel)
+    out_shape.append(per_batch_channel)
+  if static.has_bias:
+    out_specs.append(specs.per_batch_channel)
+    out_shape.append(per_batch_channel)
+  if static.has_initial_state:
+    out_specs.append(specs.state)
+    out_shape.append(jax.ShapeDtypeStruct((batch, dm, n), f32))
+  outs = iter(pl.pallas_call(
+      functools.partial(_backward_kernel, static=static),
+      grid=(batch, num_blocks),
+      in_specs=specs.inputs(static) + [specs.states, specs.seq, specs.state],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(blocks.backward_num_warps, blocks.num_stages, interpret),
+      interpret=interpret,
+      name="selective_scan_backward",
+  )(*_present(x, dt, a, b, c, d, z, dt_bias, h0), states, dy, dh_final.astype(f32)))
+  dx, ddt = next(outs), next(outs)
+  dz = next(outs) if static.has_z else None
+  da, db_part, dc_part = next(outs), next(outs), next(outs)
+  dd = next(outs) if static.has_d else None
+  dbias = next(outs) if static.has_bias else None
+  dh0 = next(outs) if static.has_initial_state else None
+
+  # Each group's B/C row was read by the Dm / G / bd blocks of that group; their partial sums add up here.
+  group_sum = lambda part, like: part.reshape(batch, length, groups, num_blocks // groups, n).sum(3).astype(
+      like.dtype)
+  cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
+  return (
+      dx, ddt, da.sum(0).astype(a.dtype), group_sum(db_part, b), group_sum(dc_part, c),
+      None if d is None else dd.sum(0).astype(d.dtype), dz,
+      None if dt_bias is None else dbias.sum(0).astype(dt_bias.dtype), cast(dh0, h0),
+  )
