@@ -181,8 +181,9 @@ def main(argv):
           traceback.print_exc(limit=2)
         rows.append(row)
         print(row, flush=True)
+        # Rewritten after every row, so a run cut short keeps what it measured.
+        write_results(_OUT_DIR.value, "linear_attention", env, rows, _table(rows))
       del inputs
-  write_results(_OUT_DIR.value, "linear_attention", env, rows, _table(rows))
 
 
 def _table(rows):
