@@ -35,14 +35,20 @@ from experiments.data import make_mesh
 from experiments.tasks import build_task
 from experiments.trainer import NonFiniteLossError, create, evaluate, train_and_evaluate
 
-_TASK = flags.DEFINE_string("task", "listops", "Task config in experiments/configs/.")
-_VARIANTS = flags.DEFINE_list("variants", [], "Variants to train (default: every registered one).")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds per variant (parameters, dropout and data order).")
-_SET = flags.DEFINE_multi_string("set", [], "Config override section.field=value for every run; repeatable.")
-_SWEEP = flags.DEFINE_string("sweep", "", "One config field and its values, e.g. task.train_seq_len=64,128,256.")
-_EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", [], "Extra test lengths (sets task.test_seq_len) per trained model.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/compare", "Root of the runs' workdirs.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined only when run as a script, so tests can import this module beside other scripts."""
+  flags.DEFINE_string("task", "listops", "Task config in experiments/configs/.")
+  flags.DEFINE_list("variants", [], "Variants to train (default: every registered one).")
+  flags.DEFINE_list("seeds", ["0"], "Seeds per variant (parameters, dropout and data order).")
+  flags.DEFINE_multi_string("set", [], "Config override section.field=value for every run; repeatable.")
+  flags.DEFINE_string("sweep", "", "One config field and its values, e.g. task.train_seq_len=64,128,256.")
+  flags.DEFINE_list("eval_lengths", [], "Extra test lengths (sets task.test_seq_len) per trained model.")
+  flags.DEFINE_string("workdir", "workdir/compare", "Root of the runs' workdirs.")
+  flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.")
+
 
 # Long Range Arena (Tay et al., 2021), Table 1, ListOps test accuracy (%), by our variant names; "S4" is the
 # state-space reference (Gu et al., 2022) the issue asks to show beside them.
@@ -177,21 +183,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   quiet_orbax_logs()
-  base = load_config(_TASK.value)
-  for spec in _SET.value:
-    path, value = parse_assignment(spec, "set")
-    assign(base, path, literal(value))
-  sweep_field, sweep_values = "", [None]
-  if _SWEEP.value:
-    path, values = parse_assignment(_SWEEP.value, "sweep")
-    sweep_field, sweep_values = ".".join(path), [literal(v) for v in values.split(",")]
-  names = _VARIANTS.value or list(variant_names())
+  try:
+    base = load_config(FLAGS.task)
+    for spec in FLAGS.set:
+      path, value = parse_assignment(spec, "set")
+      assign(base, path, literal(value))
+    sweep_field, sweep_values = "", [None]
+    if FLAGS.sweep:
+      path, values = parse_assignment(FLAGS.sweep, "sweep")
+      sweep_field, sweep_values = ".".join(path), [literal(v) for v in values.split(",")]
+      assign(copy.deepcopy(base), path, sweep_values[0])  # fails now, not after the first runs, if no such field
+  except (ValueError, TypeError) as error:  # TypeError: ml_collections rejects a value of the wrong type
+    raise app.UsageError(str(error)) from None
+  names = FLAGS.variants or list(variant_names())
   for name in names:
     if name not in variant_names():
       raise app.UsageError(f"--variants entry {name!r} is not valid; choose from {', '.join(variant_names())}")
-  eval_lengths = [int(length) for length in _EVAL_LENGTHS.value]
+  eval_lengths = [int(length) for length in FLAGS.eval_lengths]
   if eval_lengths and "test_seq_len" not in base.task:
-    raise app.UsageError(f"--eval_lengths needs a task with test_seq_len; {_TASK.value!r} has none")
+    raise app.UsageError(f"--eval_lengths needs a task with test_seq_len; {FLAGS.task!r} has none")
 
   runs = []
   for value in sweep_values:
@@ -199,8 +209,8 @@ def main(argv):
     if sweep_field:
       assign(config, sweep_field.split("."), value)
     for name in names:
-      for seed in map(int, _SEEDS.value):
-        folder = Path(_WORKDIR.value) / _TASK.value
+      for seed in map(int, FLAGS.seeds):
+        folder = Path(FLAGS.workdir) / FLAGS.task
         if sweep_field:
           folder /= f"{sweep_field}={value}"
         run = run_one(config, folder / f"{name}-s{seed}", name, seed, value, eval_lengths)
@@ -209,13 +219,14 @@ def main(argv):
         print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
 
   suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
-  table = markdown(_TASK.value, runs, sweep_field, eval_lengths)
+  table = markdown(FLAGS.task, runs, sweep_field, eval_lengths)
   env = environment() | {
-      "task": _TASK.value, "overrides": _SET.value, "sweep": _SWEEP.value, "devices": jax.device_count(),
+      "task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep, "devices": jax.device_count(),
   }
   rows = [dataclasses.asdict(run) for run in runs]
-  write_results(_OUT_DIR.value, f"compare_{_TASK.value}{suffix}", env, json.loads(json.dumps(rows)), table)
+  write_results(FLAGS.out_dir, f"compare_{FLAGS.task}{suffix}", env, json.loads(json.dumps(rows)), table)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

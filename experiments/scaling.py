@@ -15,9 +15,11 @@ Writes scaling.json, scaling.md and (with matplotlib) scaling.png.
 """
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +31,41 @@ from flax import nnx
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
 from experiments.bench.timing import environment, median_ms, write_results
 
-_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where scaling.{json,md,png} go.")
-_VARIANTS = flags.DEFINE_list("variants", [], "Variants to measure (default: every registered one).")
-_LENGTHS = flags.DEFINE_list(
-    "lengths", [str(2**p) for p in range(10, 18)], "Sequence lengths, ascending (default 1K to 128K).")
-_WIDTH = flags.DEFINE_integer("width", 512, "Model width C.")
-_LAYERS = flags.DEFINE_integer("num_layers", 4, "Residual blocks.")
-_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads.")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "Sequences per step.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Token vocabulary (bytes).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
-_MAX_STEP_S = flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
-_OPTIONS = flags.DEFINE_multi_string(
-    "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined only when run as a script, so tests can import this module beside other scripts."""
+  flags.DEFINE_string("out_dir", "benchmarks/results", "Where scaling.{json,md,png} go.")
+  flags.DEFINE_list("variants", [], "Variants to measure (default: every registered one).")
+  flags.DEFINE_list("lengths", [str(2**p) for p in range(10, 18)], "Sequence lengths, ascending (default 1K to 128K).")
+  flags.DEFINE_integer("width", 512, "Model width C.")
+  flags.DEFINE_integer("num_layers", 4, "Residual blocks.")
+  flags.DEFINE_integer("num_heads", 8, "Attention heads.")
+  flags.DEFINE_integer("batch_size", 1, "Sequences per step.")
+  flags.DEFINE_integer("vocab_size", 256, "Token vocabulary (bytes).")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
+  flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
+  flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
+  flags.DEFINE_multi_string(
+      "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+  """The fixed model every variant is measured in."""
+
+  width: int = 512
+  num_layers: int = 4
+  num_heads: int = 8
+  batch_size: int = 1
+  vocab_size: int = 256
+  dtype: str = "bfloat16"
+
+  def describe(self) -> str:
+    return (f"width {self.width}, {self.num_layers} layers, {self.num_heads} heads, batch {self.batch_size}, "
+            f"{self.dtype} compute, fp32 params, AdamW")
+
 
 # What each variant runs as on a GPU unless --option says otherwise: `full` stays on XLA to show the quadratic
 # wall the others are measured against; `flash` is the Pallas kernel by definition.
@@ -80,11 +103,11 @@ def _literal(text: str) -> object:
   return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def model_config(variant: str, seq_len: int, options: dict[str, object]) -> DecoderConfig:
+def model_config(variant: str, seq_len: int, options: dict[str, object], size: ModelSize) -> DecoderConfig:
   return DecoderConfig(
-      vocab_size=_VOCAB.value, width=_WIDTH.value, num_layers=_LAYERS.value, num_heads=_HEADS.value,
+      vocab_size=size.vocab_size, width=size.width, num_layers=size.num_layers, num_heads=size.num_heads,
       variant=variant, mixer_options={variant: options} if options else (),
-      causal=config_class(variant).supports_causal, max_len=seq_len, dtype=_DTYPE.value, param_dtype="float32",
+      causal=config_class(variant).supports_causal, max_len=seq_len, dtype=size.dtype, param_dtype="float32",
   )
 
 
@@ -125,11 +148,13 @@ def _is_oom(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def measure(variant: str, seq_len: int, options: dict[str, object], iters: int, max_step_s: float) -> Row:
-  config = model_config(variant, seq_len, options)
+def measure(
+    variant: str, seq_len: int, options: dict[str, object], size: ModelSize, iters: int, max_step_s: float
+) -> Row:
+  config = model_config(variant, seq_len, options, size)
   step, params, opt_state, rest = make_step(config)
   # +1: inputs are tokens[:, :-1] and targets tokens[:, 1:], so the model sees exactly seq_len positions.
-  tokens = [jax.random.randint(jax.random.key(i), (_BATCH.value, seq_len + 1), 0, _VOCAB.value) for i in range(3)]
+  tokens = [jax.random.randint(jax.random.key(i), (size.batch_size, seq_len + 1), 0, size.vocab_size) for i in range(3)]
   compiled = step.lower(params, opt_state, rest, tokens[0]).compile()
   memory = _program_bytes(compiled)
   limit = _device_limit_bytes()
@@ -146,18 +171,19 @@ def measure(variant: str, seq_len: int, options: dict[str, object], iters: int, 
   if time.perf_counter() - start > 3 * max_step_s:
     iters = 1  # Already far past the limit: one more timed step says enough.
   step_ms = median_ms(run, [(t,) for t in tokens], warmup=1, iters=iters)
-  return Row(variant, seq_len, "ok", step_ms, _BATCH.value * seq_len / (step_ms / 1e3),
+  return Row(variant, seq_len, "ok", step_ms, size.batch_size * seq_len / (step_ms / 1e3),
              None if memory is None else memory / 2**30)
 
 
 def scan_variant(
-    variant: str, lengths: list[int], options: dict[str, object], iters: int, max_step_s: float
+    variant: str, lengths: list[int], measure_length: Callable[[int], Row], max_step_s: float
 ) -> list[Row]:
-  """Rows for ascending `lengths`, stopping at the first that does not fit or is too slow."""
+  """Rows for ascending `lengths` (each from `measure_length(seq_len)`), stopping at the first that does not
+  fit or is too slow."""
   rows: list[Row] = []
   for i, seq_len in enumerate(lengths):
     try:
-      row = measure(variant, seq_len, options, iters, max_step_s)
+      row = measure_length(seq_len)
     except Exception as error:  # noqa: BLE001 - one variant's failure must not end the sweep
       if not _is_oom(error):
         traceback.print_exc()
@@ -226,24 +252,30 @@ def plot(rows: list[Row], path: str) -> None:
 
 def main(argv):
   del argv
-  names = _VARIANTS.value or list(variant_names())
+  names = FLAGS.variants or list(variant_names())
   for name in names:
     if name not in variant_names():
-      raise ValueError(f"--variants entry {name!r} is not valid; choose from {', '.join(variant_names())}")
-  lengths = sorted(int(t) for t in _LENGTHS.value)
-  user_options = parse_options(_OPTIONS.value)
+      raise app.UsageError(f"--variants entry {name!r} is not valid; choose from {', '.join(variant_names())}")
+  lengths = sorted(int(t) for t in FLAGS.lengths)
+  try:
+    user_options = parse_options(FLAGS.option)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  size = ModelSize(width=FLAGS.width, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads,
+                   batch_size=FLAGS.batch_size, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype)
   on_gpu = jax.default_backend() == "gpu"
   rows: list[Row] = []
   for name in names:
     options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
-    rows.extend(scan_variant(name, lengths, options, _ITERS.value, _MAX_STEP_S.value))
-  model = (f"width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, batch {_BATCH.value}, "
-           f"{_DTYPE.value} compute, fp32 params, AdamW")
-  env = environment() | {"model": model, "options": user_options}
-  table = markdown(rows, lengths, model)
-  write_results(_OUT_DIR.value, "scaling", env, [dataclasses.asdict(r) for r in rows], table)
-  plot(rows, os.path.join(_OUT_DIR.value, "scaling.png"))
+    measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
+                                       max_step_s=FLAGS.max_step_s)
+    rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
+  env = environment() | {"model": size.describe(), "options": user_options}
+  table = markdown(rows, lengths, size.describe())
+  write_results(FLAGS.out_dir, "scaling", env, [dataclasses.asdict(r) for r in rows], table)
+  plot(rows, os.path.join(FLAGS.out_dir, "scaling.png"))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -16,18 +16,17 @@ def test_parse_options_reads_literals_and_rejects_malformed():
     scaling.parse_options(["impl=cudnn"])
 
 
-def test_sweep_stops_after_the_first_length_that_does_not_fit(monkeypatch):
-  def fake_measure(variant, seq_len, options, iters, max_step_s):
+def test_sweep_stops_after_the_first_length_that_does_not_fit():
+  def fake_measure(seq_len):
     if seq_len >= 4096:
-      return scaling.Row(variant, seq_len, "oom")
-    return scaling.Row(variant, seq_len, "ok", step_ms=seq_len / 1000, tokens_per_s=1e6, memory_gib=0.5)
+      return scaling.Row("full", seq_len, "oom")
+    return scaling.Row("full", seq_len, "ok", step_ms=seq_len / 1000, tokens_per_s=1e6, memory_gib=0.5)
 
-  monkeypatch.setattr(scaling, "measure", fake_measure)
-  rows = scaling.scan_variant("full", [1024, 2048, 4096, 8192, 16384], {}, iters=1, max_step_s=5.0)
+  rows = scaling.scan_variant("full", [1024, 2048, 4096, 8192, 16384], fake_measure, max_step_s=5.0)
   assert [r.status for r in rows] == ["ok", "ok", "oom", "skipped", "skipped"]
   table = scaling.markdown(rows, [1024, 2048, 4096, 8192, 16384], "tiny")
   assert "| full | 1.0 ms / 512 MiB | 2.0 ms / 512 MiB | oom | skipped | skipped |" in table
-  rows = scaling.scan_variant("full", [1024, 2048, 3072], {}, iters=1, max_step_s=1.5e-3)
+  rows = scaling.scan_variant("full", [1024, 2048, 3072], fake_measure, max_step_s=1.5e-3)
   assert [r.status for r in rows] == ["ok", "ok", "slow"]
 
 
