@@ -31,6 +31,7 @@ from efficient_attention import variant_names
 from experiments import configs, modeling
 from experiments.bench.timing import environment, write_results
 from experiments.checkpoint import Checkpointer, quiet_orbax_logs
+from experiments.cli import literal
 from experiments.data import make_mesh
 from experiments.tasks import build_task
 from experiments.trainer import NonFiniteLossError, create, evaluate, train_and_evaluate
@@ -73,13 +74,6 @@ class Run:
   length_accuracy: dict[int, float | None] = dataclasses.field(default_factory=dict)
 
 
-def literal(text: str) -> Any:
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def parse_assignment(spec: str, flag: str) -> tuple[list[str], str]:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
 from experiments.bench.timing import environment, median_ms, write_results
+from experiments.cli import literal
 
 FLAGS = flags.FLAGS
 
@@ -90,17 +91,10 @@ def parse_options(specs: list[str]) -> dict[str, dict[str, object]]:
     variant, dot, field = name.partition(".")
     if not sep or not dot:
       raise ValueError(f"--option={spec!r} is not valid; expected variant.field=value, e.g. full.impl=cudnn")
-    options.setdefault(variant, {})[field] = _literal(value)
+    options.setdefault(variant, {})[field] = literal(value)
   return options
 
 
-def _literal(text: str) -> object:
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def model_config(variant: str, seq_len: int, options: dict[str, object], size: ModelSize) -> DecoderConfig:

@@ -3,12 +3,13 @@
 import pytest
 
 from experiments import compare
+from experiments.cli import literal
 
 
 def test_overrides_parse_and_reject_unknown_fields():
   config = compare.load_config("listops_small")
   path, value = compare.parse_assignment("train.num_steps=7", "set")
-  compare.assign(config, path, compare.literal(value))
+  compare.assign(config, path, literal(value))
   assert config.train.num_steps == 7
   with pytest.raises(ValueError, match="section.field=value"):
     compare.parse_assignment("num_steps=7", "set")

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.flash_attention.pallas_gpu import BlockSizes
+from kernels.flash_attention.pallas_gpu import BlockSizes, dot, dot_t, dot_tn
 
 LOG2_E = math.log2(math.e)
 
@@ -52,20 +52,6 @@ def fit_blocks(blocks: BlockSizes, mask_block_q: int, mask_block_k: int) -> Bloc
       block_q_dq=fit_q(blocks.block_q_dq), block_k_dq=fit_k(blocks.block_k_dq),
       block_q_dkv=fit_q(blocks.block_q_dkv), block_k_dkv=fit_k(blocks.block_k_dkv),
   )
-
-
-def _dot(a, b, static: _Static, contract=((1,), (0,))):
-  return lax.dot_general(
-      a, b, (contract, ((), ())), preferred_element_type=jnp.float32, precision=static.precision
-  )
-
-
-def _dot_t(a, b, static):  # a @ b.T
-  return _dot(a, b, static, ((1,), (1,)))
-
-
-def _dot_tn(a, b, static):  # a.T @ b
-  return _dot(a, b, static, ((0,), (0,)))
 
 
 def _visit(num_full, count, block_at, tile_at, tile_slice, *, extent: int, step: int, body, carry):
@@ -115,14 +101,14 @@ def _forward_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, tiles_ref
   def body(start, tile, carry):
     acc, m, l = carry
     keys = pl.ds(start, block_k)
-    s = _dot_t(q, k_ref[keys, :], static) * static.scale
+    s = dot_t(q, k_ref[keys, :], static) * static.scale
     s = _masked(s, -jnp.inf, tile, start + lax.iota(jnp.int32, block_k), kv_length)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing attended yet stays at zero weight
     p = jnp.exp2(s - m_safe[:, None])
     alpha = jnp.exp2(m - m_safe)
     v = v_ref[keys, :]
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, static)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, static)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
   d = q_ref.shape[-1]
@@ -150,10 +136,10 @@ def _dq_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, tiles_ref, kv_
   def body(start, tile, dq):
     keys = pl.ds(start, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    p = jnp.exp2(_dot_t(q, k, static) * static.scale - lse2[:, None])
+    p = jnp.exp2(dot_t(q, k, static) * static.scale - lse2[:, None])
     p = _masked(p, 0.0, tile, start + lax.iota(jnp.int32, block_k), kv_length)
-    ds = p * (_dot_t(do, v, static) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k, static)
+    ds = p * (dot_t(do, v, static) - delta[:, None])
+    return dq + dot(ds.astype(k.dtype), k, static)
 
   dq = _visit(
       num_full_ref[...], count_ref[...], lambda j: blocks_ref[j], lambda j: tile_ids_ref[j],
@@ -181,11 +167,11 @@ def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, tiles_ref, kv
       rows = pl.ds(start, block_q)
       q, do = q_ref[rows, head, :], do_ref[rows, head, :]
       lse2, delta = lse_ref[head, rows], delta_ref[head, rows]
-      p = jnp.exp2(_dot_t(q, k, static) * static.scale - lse2[:, None])
+      p = jnp.exp2(dot_t(q, k, static) * static.scale - lse2[:, None])
       p = _masked(p, 0.0, tile, k_idx, kv_length)
-      dv = dv + _dot_tn(p.astype(do.dtype), do, static)
-      ds = p * (_dot_t(do, v, static) - delta[:, None])
-      return dk + _dot_tn(ds.astype(q.dtype), q, static), dv
+      dv = dv + dot_tn(p.astype(do.dtype), do, static)
+      ds = p * (dot_t(do, v, static) - delta[:, None])
+      return dk + dot_tn(ds.astype(q.dtype), q, static), dv
 
     return _visit(
         num_full_ref[mask_head], count_ref[mask_head], lambda j: blocks_ref[mask_head, j],

@@ -90,18 +90,19 @@ class _Static:
     return self.sm_scale * LOG2_E
 
 
-def _dot(a, b, static: _Static, contract=((1,), (0,))):
+def dot(a, b, static, contract=((1,), (0,))):
+  """a @ b (or another contraction) with fp32 accumulation at `static.precision`; shared with block_sparse."""
   return lax.dot_general(
       a, b, (contract, ((), ())), preferred_element_type=jnp.float32, precision=static.precision
   )
 
 
-def _dot_t(a, b, static):  # a @ b.T
-  return _dot(a, b, static, ((1,), (1,)))
+def dot_t(a, b, static):  # a @ b.T
+  return dot(a, b, static, ((1,), (1,)))
 
 
-def _dot_tn(a, b, static):  # a.T @ b
-  return _dot(a, b, static, ((0,), (0,)))
+def dot_tn(a, b, static):  # a.T @ b
+  return dot(a, b, static, ((0,), (0,)))
 
 
 def _tile_loop(tiles, body, carry):
@@ -131,7 +132,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, *, static: 
   def body(j, carry, masked):
     acc, m, l = carry
     keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-    s = _dot_t(q, k_ref[keys, :], static) * static.scale
+    s = dot_t(q, k_ref[keys, :], static) * static.scale
     if masked:
       s = _masked(s, -jnp.inf, q_idx, j * block_k + lax.iota(jnp.int32, block_k), static, kv_length)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -139,7 +140,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, *, static: 
     p = jnp.exp2(s - m_safe[:, None])
     alpha = jnp.exp2(m - m_safe)
     v = v_ref[keys, :]
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, static)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, static)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
   tiles = key_tiles_for_query_tile(
@@ -158,7 +159,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, *, static: 
 
 def _probabilities(q, k, lse2, q_idx, k_idx, static, kv_length, masked):
   """Recomputed softmax tile P [bq, bk] from base-2 LSE (+inf on empty rows, giving P = 0)."""
-  s = _dot_t(q, k, static) * static.scale
+  s = dot_t(q, k, static) * static.scale
   p = jnp.exp2(s - lse2[:, None])
   if masked:
     p = _masked(p, 0.0, q_idx, k_idx, static, kv_length)
@@ -179,8 +180,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref, dq_r
     keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
     p = _probabilities(q, k, lse2, q_idx, j * block_k + lax.iota(jnp.int32, block_k), static, kv_length, masked)
-    ds = p * (_dot_t(do, v, static) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k, static)
+    ds = p * (dot_t(do, v, static) - delta[:, None])
+    return dq + dot(ds.astype(k.dtype), k, static)
 
   tiles = key_tiles_for_query_tile(
       q_tile, block_q, block_k, num_k_tiles, offset=static.offset, causal=static.causal, window=static.window,
@@ -212,9 +213,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref, dk_
       q, do = q_ref[rows, head, :], do_ref[rows, head, :]
       lse2, delta = lse_ref[head, rows], delta_ref[head, rows]
       p = _probabilities(q, k, lse2, i * block_q + lax.iota(jnp.int32, block_q), k_idx, static, kv_length, masked)
-      dv = dv + _dot_tn(p.astype(do.dtype), do, static)
-      ds = p * (_dot_t(do, v, static) - delta[:, None])
-      return dk + _dot_tn(ds.astype(q.dtype), q, static), dv
+      dv = dv + dot_tn(p.astype(do.dtype), do, static)
+      ds = p * (dot_t(do, v, static) - delta[:, None])
+      return dk + dot_tn(ds.astype(q.dtype), q, static), dv
 
     return _tile_loop(tiles, body, carry)
 
