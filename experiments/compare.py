@@ -197,6 +197,10 @@ def main(argv):
   if eval_lengths and "test_seq_len" not in base.task:
     raise app.UsageError(f"--eval_lengths needs a task with test_seq_len; {FLAGS.task!r} has none")
 
+  env = environment() | {
+      "task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep, "devices": jax.device_count(),
+  }
+  name_suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
   runs = []
   for value in sweep_values:
     config = copy.deepcopy(base)
@@ -211,14 +215,10 @@ def main(argv):
         runs.append(run)
         where = f" {sweep_field}={value}" if sweep_field else ""
         print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
-
-  suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
-  table = markdown(FLAGS.task, runs, sweep_field, eval_lengths)
-  env = environment() | {
-      "task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep, "devices": jax.device_count(),
-  }
-  rows = [dataclasses.asdict(run) for run in runs]
-  write_results(FLAGS.out_dir, f"compare_{FLAGS.task}{suffix}", env, json.loads(json.dumps(rows)), table)
+        # Rewritten after every run: a comparison stopped part-way still leaves the table of what finished.
+        rows = json.loads(json.dumps([dataclasses.asdict(r) for r in runs]))
+        write_results(FLAGS.out_dir, f"compare_{FLAGS.task}{name_suffix}", env, rows,
+                      markdown(FLAGS.task, runs, sweep_field, eval_lengths))
 
 
 if __name__ == "__main__":
