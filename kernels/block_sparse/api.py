@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 from kernels.block_sparse import pallas_gpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
+from kernels.flash_attention.api import check_kv_lengths, check_qkv
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
@@ -57,28 +58,14 @@ def block_sparse_attention(
 def _validate(q, k, v, mask, kv_lengths, impl):
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be 4-D [B, T, H, D] / [B, S, Hkv, D]; got {q.shape=}, {k.shape=}, {v.shape=}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape; got {k.shape=}, {v.shape=}")
-  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q and k must agree on batch and head_dim; got {q.shape=}, {k.shape=}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"num_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise ValueError(f"q.dtype={q.dtype} is not valid; choose one of float32, bfloat16, float16")
+  check_qkv(q, k, v)
   if not isinstance(mask, BlockMask):
     raise ValueError(f"mask must be a BlockMask (kernels.block_sparse.mask); got {type(mask).__name__}")
   if mask.shape != (q.shape[1], k.shape[1]):
     raise ValueError(f"mask.shape={mask.shape} is not valid; expected (T, S)={(q.shape[1], k.shape[1])}")
   if mask.num_heads not in (1, q.shape[2]):
     raise ValueError(f"mask.num_heads={mask.num_heads} is not valid; expected 1 or num_heads={q.shape[2]}")
-  if kv_lengths is not None:
-    if kv_lengths.shape != (q.shape[0],) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-      raise ValueError(f"kv_lengths must be an int array of shape [B]={(q.shape[0],)}; got "
-                       f"{kv_lengths.shape} {kv_lengths.dtype}")
+  check_kv_lengths(kv_lengths, q.shape[0])
 
 
 def _pallas_attention(q, k, v, mask: BlockMask, *, sm_scale, kv_lengths, block_sizes, interpret):

@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from kernels.flash_attention.pallas_gpu import BlockSizes, dot, dot_t, dot_tn
+from kernels.flash_attention.pallas_gpu import BlockSizes, compiler_params, dot, dot_t, dot_tn, kv_length_spec
 
 LOG2_E = math.log2(math.e)
 
@@ -186,10 +185,6 @@ def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, tiles_ref, kv
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
-  return None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _whole(x):
   """BlockSpec of all of x (the kernels index it with scalars read from the lists)."""
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
@@ -201,10 +196,6 @@ def _row_list_specs(lists, static: _Static, tiles_per_mask_row: int):
   entries = pl.BlockSpec((None, None, lists[0].shape[-1]), lambda b, h, i: (head(h), i // tiles_per_mask_row, 0))
   scalars = pl.BlockSpec((None, None), lambda b, h, i: (head(h), i // tiles_per_mask_row))
   return [entries, entries, scalars, scalars]
-
-
-def _kv_length_spec():
-  return pl.BlockSpec((None,), lambda b, h, i: (b,))
 
 
 def forward(q, k, v, kv_lengths, lists, tiles, *, static: _Static, blocks: BlockSizes, interpret: bool):
@@ -221,11 +212,11 @@ def forward(q, k, v, kv_lengths, lists, tiles, *, static: _Static, blocks: Block
   return pl.pallas_call(
       functools.partial(_forward_kernel, static=static, block_k=bk),
       grid=(b, h, t // bq),
-      in_specs=[*_row_list_specs(lists, static, static.mask_block_q // bq), _whole(tiles), _kv_length_spec(),
+      in_specs=[*_row_list_specs(lists, static, static.mask_block_q // bq), _whole(tiles), kv_length_spec(),
                 row_spec, kv_spec, kv_spec],
       out_specs=[row_spec, pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-      compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages, interpret),
+      compiler_params=compiler_params(blocks.num_warps, blocks.num_stages, interpret),
       interpret=interpret,
       name="block_sparse_attention_forward",
   )(*lists, tiles, kv_lengths, q, k, v)
@@ -258,11 +249,11 @@ def _backward_dq(q, k, v, do, lse2, delta, kv_lengths, lists, tiles, *, static: 
   return pl.pallas_call(
       functools.partial(_dq_kernel, static=static, block_k=bk),
       grid=(b, h, t // bq),
-      in_specs=[*_row_list_specs(lists, static, static.mask_block_q // bq), _whole(tiles), _kv_length_spec(),
+      in_specs=[*_row_list_specs(lists, static, static.mask_block_q // bq), _whole(tiles), kv_length_spec(),
                 row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec],
       out_specs=row_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(blocks.num_warps_dq, blocks.num_stages_dq, interpret),
+      compiler_params=compiler_params(blocks.num_warps_dq, blocks.num_stages_dq, interpret),
       interpret=interpret,
       name="block_sparse_attention_dq",
   )(*lists, tiles, kv_lengths, q, k, v, do, lse2, delta)
@@ -285,11 +276,11 @@ def _backward_dkv(q, k, v, do, lse2, delta, kv_lengths, transposed_lists, tiles,
   return pl.pallas_call(
       functools.partial(_dkv_kernel, static=static, block_q=bq),
       grid=(b, k.shape[2], s // bk),
-      in_specs=[entries, entries, scalars, scalars, _whole(tiles), _kv_length_spec(), all_rows_spec,
+      in_specs=[entries, entries, scalars, scalars, _whole(tiles), kv_length_spec(), all_rows_spec,
                 key_tile_spec, key_tile_spec, all_rows_spec, all_stats_spec, all_stats_spec],
       out_specs=[key_tile_spec, key_tile_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(blocks.num_warps_dkv, blocks.num_stages_dkv, interpret),
+      compiler_params=compiler_params(blocks.num_warps_dkv, blocks.num_stages_dkv, interpret),
       interpret=interpret,
       name="block_sparse_attention_dkv",
   )(*transposed_lists, tiles, kv_lengths, q, k, v, do, lse2, delta)

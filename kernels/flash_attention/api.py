@@ -66,6 +66,15 @@ def flash_attention(
 def _validate(q, k, v, window, kv_lengths, impl):
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl={impl!r} is not valid; choose one of {', '.join(map(repr, IMPLEMENTATIONS))}")
+  check_qkv(q, k, v)
+  if window is not None:
+    if len(window) != 2 or any(w is not None and (not isinstance(w, int) or w < 0) for w in window):
+      raise ValueError(f"window={window!r} is not valid; expected (left, right) with ints >= 0 or None")
+  check_kv_lengths(kv_lengths, q.shape[0])
+
+
+def check_qkv(q, k, v) -> None:
+  """q [B, T, H, D], k/v [B, S, Hkv, D] with H % Hkv == 0 and one float dtype; shared with block_sparse."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be 4-D [B, T, H, D] / [B, S, Hkv, D]; got {q.shape=}, {k.shape=}, {v.shape=}")
   if k.shape != v.shape:
@@ -78,12 +87,13 @@ def _validate(q, k, v, window, kv_lengths, impl):
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"q.dtype={q.dtype} is not valid; choose one of float32, bfloat16, float16")
-  if window is not None:
-    if len(window) != 2 or any(w is not None and (not isinstance(w, int) or w < 0) for w in window):
-      raise ValueError(f"window={window!r} is not valid; expected (left, right) with ints >= 0 or None")
+
+
+def check_kv_lengths(kv_lengths, batch: int) -> None:
+  """kv_lengths: None or int [B]; shared with block_sparse."""
   if kv_lengths is not None:
-    if kv_lengths.shape != (q.shape[0],) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-      raise ValueError(f"kv_lengths must be an int array of shape [B]={(q.shape[0],)}; got "
+    if kv_lengths.shape != (batch,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+      raise ValueError(f"kv_lengths must be an int array of shape [B]={(batch,)}; got "
                        f"{kv_lengths.shape} {kv_lengths.dtype}")
 
 

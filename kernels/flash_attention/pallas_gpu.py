@@ -225,11 +225,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref, dk_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
+def compiler_params(num_warps: int, num_stages: int, interpret: bool):
+  """Triton launch settings, or none in interpret mode; shared with block_sparse."""
   return None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _kv_length_spec():
+def kv_length_spec():
+  """BlockSpec giving a (batch, head, tile) program its row's kv length; shared with block_sparse."""
   return pl.BlockSpec((None,), lambda b, h, i: (b,))
 
 
@@ -246,14 +248,14 @@ def forward(q, k, v, kv_lengths, *, static: _Static, blocks: BlockSizes, interpr
           pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
           kv_spec,
           kv_spec,
-          _kv_length_spec(),
+          kv_length_spec(),
       ],
       out_specs=[
           pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
           pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i)),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-      compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages, interpret),
+      compiler_params=compiler_params(blocks.num_warps, blocks.num_stages, interpret),
       interpret=interpret,
       name="flash_attention_forward",
   )(q, k, v, kv_lengths)
@@ -285,10 +287,10 @@ def backward_dq(q, k, v, do, lse2, delta, kv_lengths, *, static: _Static, blocks
   return pl.pallas_call(
       functools.partial(_dq_kernel, static=static, block_k=bk),
       grid=(b, h, t // bq),
-      in_specs=[row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, _kv_length_spec()],
+      in_specs=[row_spec, kv_spec, kv_spec, row_spec, stat_spec, stat_spec, kv_length_spec()],
       out_specs=row_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(blocks.num_warps_dq, blocks.num_stages_dq, interpret),
+      compiler_params=compiler_params(blocks.num_warps_dq, blocks.num_stages_dq, interpret),
       interpret=interpret,
       name="flash_attention_dq",
   )(q, k, v, do, lse2, delta, kv_lengths)
@@ -306,10 +308,10 @@ def backward_dkv(q, k, v, do, lse2, delta, kv_lengths, *, static: _Static, block
       functools.partial(_dkv_kernel, static=static, block_q=bq),
       grid=(b, hkv, s // bk),
       in_specs=[all_rows_spec, key_tile_spec, key_tile_spec, all_rows_spec, all_stats_spec, all_stats_spec,
-                _kv_length_spec()],
+                kv_length_spec()],
       out_specs=[key_tile_spec, key_tile_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(blocks.num_warps_dkv, blocks.num_stages_dkv, interpret),
+      compiler_params=compiler_params(blocks.num_warps_dkv, blocks.num_stages_dkv, interpret),
       interpret=interpret,
       name="flash_attention_dkv",
   )(q, k, v, do, lse2, delta, kv_lengths)
