@@ -13,12 +13,22 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.bench.timing import environment, median_ms, write_results
-from kernels.flash_attention import flash_attention
+from kernels.flash_attention import flash_attention, mosaic_gpu, mosaic_gpu_bwd
+from kernels.flash_attention.api import _mosaic_bwd_attention
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims D.")
-_IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "xla", "tokamax", "fa3"], "Implementations to time.")
+_IMPLS = flags.DEFINE_list("impls", ["ours", "mosaic", "mosaic_bwd", "cudnn", "xla", "tokamax", "fa3"],
+                           "Implementations to time.")
+_MOSAIC_CONFIGS = flags.DEFINE_list(
+    "mosaic_configs", [], "Extra tiles for the Mosaic GPU forward, block_q:block_k:num_stages each (e.g. 64:128:3); "
+    "each adds a row 'mosaic[64:128:3]' (timed when 'mosaic' is in --impls). The plain 'mosaic' row uses "
+    "mosaic_gpu.Config.get_default.")
+_MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
+    "mosaic_bwd_configs", [], "Extra tiles for the Mosaic GPU backward (Triton forward), "
+    "bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq each (e.g. 64:64:64:128:3:3, see mosaic_gpu_bwd.BlockSizes); "
+    "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
 _TOKENS = 16384
 _WIDTH = 2048
@@ -31,7 +41,19 @@ def _peers() -> dict:
       "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                     implementation="cudnn"),
       "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
+      "mosaic": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, impl="mosaic"),
   }
+  for spec in _MOSAIC_CONFIGS.value:
+    block_q, block_k, num_stages = map(int, spec.split(":"))
+    config = mosaic_gpu.Config(block_q=block_q, block_k=block_k, num_stages=num_stages)
+    impls[f"mosaic[{spec}]"] = lambda q, k, v, causal, config=config: flash_attention(
+        q, k, v, causal=causal, impl="mosaic", mosaic_config=config)
+  impls["mosaic_bwd"] = lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, impl="mosaic_bwd")
+  for spec in _MOSAIC_BWD_CONFIGS.value:
+    blocks = mosaic_gpu_bwd.BlockSizes.parse(spec)
+    impls[f"mosaic_bwd[{spec}]"] = lambda q, k, v, causal, blocks=blocks: _mosaic_bwd_attention(
+        q, k, v, causal=causal, sm_scale=q.shape[-1] ** -0.5, window=None, kv_lengths=None, block_sizes=None,
+        bwd_blocks=blocks)[0]
   try:
     import tokamax
 
@@ -70,7 +92,7 @@ def _measure(attention, causal, inputs, iters):
 def main(argv):
   del argv
   env = environment()
-  peers = {name: fn for name, fn in _peers().items() if name in _IMPLS.value}
+  peers = {name: fn for name, fn in _peers().items() if name.split("[")[0] in _IMPLS.value}
   rows = []
   for d in map(int, _HEAD_DIMS.value):
     for t in map(int, _SEQ_LENS.value):
@@ -94,18 +116,21 @@ def main(argv):
 
 def _table(rows, names):
   lines = ["TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048)", "",
-           "| T, D, causal | " + " | ".join(names) + " | ours / cuDNN |",
-           "|---" * (len(names) + 2) + "|"]
+           "| T, D, causal | " + " | ".join(names) + " | ours / cuDNN | mosaic / cuDNN | mosaic_bwd / cuDNN |",
+           "|---" * (len(names) + 4) + "|"]
   keys = sorted({(r["D"], r["T"], r["causal"]) for r in rows})
   for d, t, causal in keys:
     cells, by_name = [], {r["impl"]: r for r in rows if (r["D"], r["T"], r["causal"]) == (d, t, causal)}
     for name in names:
       r = by_name.get(name, {})
       cells.append(f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else "n/a")
-    ours, cudnn = by_name.get("ours", {}), by_name.get("cudnn", {})
-    ratio = (f"{ours['fwd_tflops'] / cudnn['fwd_tflops']:.2f} / {ours['fwd_bwd_tflops'] / cudnn['fwd_bwd_tflops']:.2f}"
-             if "fwd_tflops" in ours and "fwd_tflops" in cudnn else "n/a")
-    lines.append(f"| {t // 1024}K, {d}, {'yes' if causal else 'no'} | " + " | ".join(cells) + f" | {ratio} |")
+    cudnn = by_name.get("cudnn", {})
+    ratios = []
+    for name in ("ours", "mosaic", "mosaic_bwd"):
+      r = by_name.get(name, {})
+      ratios.append(f"{r['fwd_tflops'] / cudnn['fwd_tflops']:.2f} / {r['fwd_bwd_tflops'] / cudnn['fwd_bwd_tflops']:.2f}"
+                    if "fwd_tflops" in r and "fwd_tflops" in cudnn else "n/a")
+    lines.append(f"| {t // 1024}K, {d}, {'yes' if causal else 'no'} | " + " | ".join(cells + ratios) + " |")
   return "\n".join(lines)
 
 

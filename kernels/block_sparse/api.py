@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.block_sparse import pallas_gpu
+from kernels.block_sparse import pallas_gpu, pallas_tpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
 from kernels.flash_attention.api import check_kv_lengths, check_qkv
@@ -19,6 +19,14 @@ def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def _pallas_platform() -> str:
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+# Pallas kernels per platform; both take the same padded inputs, mask arrays and residuals.
+_KERNELS = {"gpu": pallas_gpu, "tpu": pallas_tpu}
+
+
 def block_sparse_attention(
     q: jax.Array,
     k: jax.Array,
@@ -28,7 +36,7 @@ def block_sparse_attention(
     sm_scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     impl: str = "auto",
-    block_sizes: pallas_gpu.BlockSizes | None = None,
+    block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
 ) -> jax.Array:
   """Softmax attention restricted to a block-sparse pattern; work scales with the mask's non-empty tiles.
 
@@ -38,9 +46,12 @@ def block_sparse_attention(
     mask: a `BlockMask` over [T, S], shared by all heads or one pattern per query head (num_heads == H).
     sm_scale: logit scale, default 1/sqrt(D).
     kv_lengths: int [B] valid keys per sequence (right padding: keys at or past it are never attended).
-    impl: "xla" (dense masked reference, O(T * S) memory), "pallas" (Pallas kernels; interpret mode off GPU),
-      or "auto" (Pallas on GPU, the reference elsewhere).
-    block_sizes: kernel tiles (default `BlockSizes.get_default(D)`), capped at the mask's tiles.
+    impl: "xla" (dense masked reference, O(T * S) memory), "pallas" (Pallas kernels: the Mosaic TPU ones on a
+      TPU, else the GPU ones; interpret mode off their platform), or "auto" (Pallas on GPU and TPU, the
+      reference elsewhere).
+    block_sizes: kernel tiles (default: the platform's `BlockSizes.get_default(D)`), capped at the mask's tiles.
+      The TPU kernels take the row tiles (block_q, block_q_dq, block_k_dkv; the last only in whole multiples of
+      128) and visit whole mask tiles along the reduction.
 
   Returns:
     o [B, T, H, D] in q's dtype. Rows that attend no key give zeros.
@@ -48,11 +59,12 @@ def block_sparse_attention(
   _validate(q, k, v, mask, kv_lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if _on_gpu() else "xla"
+    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
+  platform = _pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
-                           interpret=not _on_gpu())
+                           interpret=jax.default_backend() != platform, platform=platform)
 
 
 def _validate(q, k, v, mask, kv_lengths, impl):
@@ -68,12 +80,13 @@ def _validate(q, k, v, mask, kv_lengths, impl):
   check_kv_lengths(kv_lengths, q.shape[0])
 
 
-def _pallas_attention(q, k, v, mask: BlockMask, *, sm_scale, kv_lengths, block_sizes, interpret):
+def _pallas_attention(q, k, v, mask: BlockMask, *, sm_scale, kv_lengths, block_sizes, interpret, platform="gpu"):
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   d_pad = max(16, pl.next_power_of_2(d))
-  blocks = pallas_gpu.fit_blocks(block_sizes or pallas_gpu.BlockSizes.get_default(d_pad, q.dtype.itemsize),
-                                 mask.block_q, mask.block_k)
+  kernels = _KERNELS[platform]
+  blocks = kernels.fit_blocks(block_sizes or kernels.BlockSizes.get_default(d_pad, q.dtype.itemsize),
+                              mask.block_q, mask.block_k)
   nq, nk = mask.grid
   static = pallas_gpu._Static(
       sm_scale=sm_scale, group=h // hkv, per_head_mask=mask.num_heads > 1, mask_block_q=mask.block_q,
@@ -86,7 +99,7 @@ def _pallas_attention(q, k, v, mask: BlockMask, *, sm_scale, kv_lengths, block_s
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
   index = _mask_arrays(mask)
   o = _attention(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lengths, *index,
-                 static=static, blocks=blocks, interpret=interpret)
+                 static=static, blocks=blocks, interpret=interpret, platform=platform)
   return o[:, :t, :, :d]
 
 
@@ -97,20 +110,22 @@ def _mask_arrays(mask: BlockMask):
   return as_jnp(mask.lists), as_jnp(mask.transposed_lists), jnp.asarray(tiles, jnp.int8)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret):
-  o, _ = pallas_gpu.forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _attention(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret, platform):
+  o, _ = _KERNELS[platform].forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks,
+                                    interpret=interpret)
   return o
 
 
-def _attention_fwd(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret):
-  o, lse = pallas_gpu.forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks, interpret=interpret)
+def _attention_fwd(q, k, v, kv_lengths, lists, transposed_lists, tiles, static, blocks, interpret, platform):
+  o, lse = _KERNELS[platform].forward(q, k, v, kv_lengths, lists, tiles, static=static, blocks=blocks,
+                                      interpret=interpret)
   return o, (q, k, v, o, lse, kv_lengths, lists, transposed_lists, tiles)
 
 
-def _attention_bwd(static, blocks, interpret, residuals, do):
+def _attention_bwd(static, blocks, interpret, platform, residuals, do):
   q, k, v, o, lse, kv_lengths, lists, transposed_lists, tiles = residuals
-  dq, dk, dv = pallas_gpu.backward(
+  dq, dk, dv = _KERNELS[platform].backward(
       q, k, v, o, lse, do.astype(q.dtype), kv_lengths, lists, transposed_lists, tiles, static=static,
       blocks=blocks, interpret=interpret,
   )

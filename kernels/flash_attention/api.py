@@ -1,20 +1,29 @@
 """Public flash-attention op: validates inputs, picks an implementation, wires the custom VJP."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.flash_attention import pallas_gpu
+from kernels.flash_attention import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, pallas_tpu
 from kernels.flash_attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "mosaic", "mosaic_bwd")
 
 
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def _pallas_platform() -> str:
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+# Pallas kernels per platform; both take the same padded inputs and return the same residuals (natural-log lse).
+_KERNELS = {"gpu": pallas_gpu, "tpu": pallas_tpu}
 
 
 def flash_attention(
@@ -28,7 +37,8 @@ def flash_attention(
     kv_lengths: jax.Array | None = None,
     return_lse: bool = False,
     impl: str = "auto",
-    block_sizes: pallas_gpu.BlockSizes | None = None,
+    block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
+    mosaic_config: mosaic_gpu.Config | None = None,
 ):
   """Exact softmax attention in O(T) memory.
 
@@ -40,9 +50,16 @@ def flash_attention(
     window: (left, right) local window around each query position; None on a side leaves it open.
     kv_lengths: int [B] valid keys per sequence (keys at or past it are padding).
     return_lse: also return the natural-log log-sum-exp [B, H, T] (fp32; -inf where a row attends nothing).
-    impl: "xla" (reference), "pallas" (Pallas kernel; interpret mode off GPU), "cudnn"
-      (`jax.nn.dot_product_attention`), or "auto" (Pallas on GPU, the reference elsewhere).
-    block_sizes: tile sizes of the Pallas kernel (default: `BlockSizes.get_default(D)`).
+    impl: "xla" (reference), "pallas" (Pallas kernel: the Mosaic TPU one on a TPU, else the GPU one; interpret
+      mode off its platform), "cudnn" (`jax.nn.dot_product_attention`), "mosaic" (Hopper kernels in Pallas' Mosaic
+      GPU lowering: its forward, and its backward where no key padding is needed, else the "pallas" GPU backward;
+      interpret mode off GPU), "mosaic_bwd" (the "pallas" GPU forward with the Mosaic GPU backward), or "auto" (Pallas on GPU and TPU, the
+      reference elsewhere).
+    block_sizes: tile sizes of the Pallas kernel (default: the platform's `BlockSizes.get_default(D)`; the TPU
+      kernels read only the six tile fields, so either platform's `BlockSizes` works there).
+    mosaic_config: tiles of the impl="mosaic" forward (Hopper, Mosaic GPU lowering, bf16/fp16, D in 64/128/256,
+      no window/kv_lengths). Default `mosaic_gpu.Config.get_default(D)`. The Mosaic backward
+      (kernels/flash_attention/mosaic_gpu_bwd.py) takes bf16/fp16, D in 64/128, T and S multiples of 128.
 
   Returns:
     o [B, T, H, D] in q's dtype, and lse if return_lse. Rows that attend nothing give zeros.
@@ -50,7 +67,7 @@ def flash_attention(
   _validate(q, k, v, window, kv_lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if _on_gpu() else "xla"
+    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
   if impl == "xla":
     return attention_reference(
         q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths, return_lse=return_lse
@@ -58,8 +75,18 @@ def flash_attention(
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
                             return_lse=return_lse)
+  if impl == "mosaic":
+    o, lse = _mosaic_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
+                               block_sizes=block_sizes, config=mosaic_config)
+    return (o, lse) if return_lse else o
+  if impl == "mosaic_bwd":
+    o, lse = _mosaic_bwd_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
+                                   block_sizes=block_sizes)
+    return (o, lse) if return_lse else o
+  platform = _pallas_platform()
   o, lse = _pallas_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
-                             block_sizes=block_sizes, interpret=not _on_gpu())
+                             block_sizes=block_sizes, interpret=jax.default_backend() != platform,
+                             platform=platform)
   return (o, lse) if return_lse else o
 
 
@@ -118,11 +145,11 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _pallas_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, interpret):
+def _pallas_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, interpret, platform="gpu"):
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   d_pad = max(16, pl.next_power_of_2(d))
-  blocks = (block_sizes or pallas_gpu.BlockSizes.get_default(d_pad, q.dtype.itemsize)).scaled_for(t, s)
+  blocks = (block_sizes or _KERNELS[platform].BlockSizes.get_default(d_pad, q.dtype.itemsize)).scaled_for(t, s)
   t_pad = _round_up(t, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
   s_pad = _round_up(s, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
   has_kv_length = kv_lengths is not None or s_pad != s
@@ -135,24 +162,24 @@ def _pallas_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_si
   # Zero padding: padded head channels add nothing to q.k; padded keys are masked by kv_length; padded query
   # rows are sliced off (and, having zero cotangent, add nothing to dk/dv).
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
-  o, lse = _flash(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, interpret)
+  o, lse = _flash(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, interpret, platform)
   return o[:, :t, :, :d], lse[:, :, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, kv_lengths, static, blocks, interpret):
-  return pallas_gpu.forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, kv_lengths, static, blocks, interpret, platform):
+  return _KERNELS[platform].forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
 
 
-def _flash_fwd(q, k, v, kv_lengths, static, blocks, interpret):
-  o, lse = pallas_gpu.forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
+def _flash_fwd(q, k, v, kv_lengths, static, blocks, interpret, platform):
+  o, lse = _KERNELS[platform].forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
   return (o, lse), (q, k, v, o, lse, kv_lengths)
 
 
-def _flash_bwd(static, blocks, interpret, residuals, cotangents):
+def _flash_bwd(static, blocks, interpret, platform, residuals, cotangents):
   q, k, v, o, lse, kv_lengths = residuals
   do, dlse = cotangents
-  dq, dk, dv = pallas_gpu.backward(
+  dq, dk, dv = _KERNELS[platform].backward(
       q, k, v, o, lse, do.astype(q.dtype), kv_lengths, dlse=dlse, static=static, blocks=blocks,
       interpret=interpret,
   )
@@ -160,3 +187,99 @@ def _flash_bwd(static, blocks, interpret, residuals, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _mosaic_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, config):
+  """Forward by the Mosaic GPU kernel (interpret mode off GPU); backward by the Mosaic GPU kernels where they
+  apply (no key padding), else by the Triton-lowering ones."""
+  if reasons := mosaic_gpu.unsupported_reasons(q, k, v, causal, window, kv_lengths):
+    raise NotImplementedError(f"impl='mosaic' does not support {', '.join(reasons)}")
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  config = config or mosaic_gpu.Config.get_default(d)
+  blocks = (block_sizes or pallas_gpu.BlockSizes.get_default(d, q.dtype.itemsize)).scaled_for(t, s)
+  # Both kernels run on the same padded arrays (the backward reads the forward's o and lse).
+  t_pad = _round_up(t, math.lcm(config.rows_per_cta, blocks.block_q_dq, blocks.block_q_dkv))
+  s_pad = _round_up(s, math.lcm(config.block_k, blocks.block_k_dq, blocks.block_k_dkv))
+  static = pallas_gpu._Static(
+      sm_scale=sm_scale, causal=causal, window=None, offset=s - t, has_kv_length=s_pad != s, group=h // hkv,
+      precision=None,
+  )
+  # Padded keys are masked (by the static length s here, by kv_lengths in the backward); padded query rows
+  # attend key 0 at least, so their lse stays finite, and are sliced off.
+  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+  lengths = jnp.full((b,), s, jnp.int32)
+  o, lse = _flash_mosaic(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, not _on_gpu(),
+                         config, s)
+  return o[:, :t], lse[:, :, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _flash_mosaic(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length):
+  return _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length)[0]
+
+
+def _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length):
+  o, lse = mosaic_gpu.forward(q, k, v, causal=static.causal, sm_scale=static.sm_scale, config=config,
+                              kv_length=kv_length, offset=static.offset, interpret=interpret)
+  return (o, lse), (q, k, v, o, lse, kv_lengths)
+
+
+def _flash_mosaic_bwd(static, blocks, interpret, config, kv_length, residuals, cotangents):
+  q, k, v, o, lse, kv_lengths = residuals
+  # The Mosaic backward takes no key padding; with none (S a tile multiple) it runs, else the Triton one.
+  if static.has_kv_length or not mosaic_gpu_bwd.supports(q.shape, k.shape, q.dtype):
+    return _flash_bwd(static, blocks, interpret, "gpu", residuals, cotangents)
+  do, dlse = cotangents
+  dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do.astype(q.dtype), causal=static.causal,
+                                       sm_scale=static.sm_scale, dlse=dlse, interpret=interpret)
+  return dq, dk, dv, None
+
+
+_flash_mosaic.defvjp(_flash_mosaic_fwd, _flash_mosaic_bwd)
+
+
+def _mosaic_bwd_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, bwd_blocks=None):
+  """Forward by the Triton-lowering kernel, backward by the Mosaic GPU kernels (both interpreted off GPU).
+
+  bwd_blocks: `mosaic_gpu_bwd.BlockSizes` (default per head dim); experiments/bench/flash_attention.py sweeps it.
+  """
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  bwd_blocks = bwd_blocks or mosaic_gpu_bwd.BlockSizes.get_default(d)
+  blocks = (block_sizes or pallas_gpu.BlockSizes.get_default(d, q.dtype.itemsize)).scaled_for(t, s)
+  reason = mosaic_gpu_bwd.unsupported_reason(q.shape, k.shape, q.dtype, window=window, kv_lengths=kv_lengths,
+                                             blocks=bwd_blocks)
+  if reason is None and (t % blocks.block_q or s % blocks.block_k):
+    reason = f"T={t}, S={s} that are not multiples of the forward tiles {blocks.block_q}, {blocks.block_k}"
+  if reason:
+    raise NotImplementedError(f"impl='mosaic_bwd' does not support {reason}")
+  static = pallas_gpu._Static(
+      sm_scale=sm_scale, causal=causal, window=None, offset=s - t, has_kv_length=False, group=h // hkv,
+      precision=None,
+  )
+  lengths = jnp.full((b,), s, jnp.int32)
+  return _flash_mosaic_backward(q, k, v, lengths, static, blocks, bwd_blocks, not _on_gpu())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash_mosaic_backward(q, k, v, kv_lengths, static, blocks, bwd_blocks, interpret):
+  return pallas_gpu.forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
+
+
+def _flash_mosaic_backward_fwd(q, k, v, kv_lengths, static, blocks, bwd_blocks, interpret):
+  o, lse = pallas_gpu.forward(q, k, v, kv_lengths, static=static, blocks=blocks, interpret=interpret)
+  return (o, lse), (q, k, v, o, lse)
+
+
+def _flash_mosaic_backward_bwd(static, blocks, bwd_blocks, interpret, residuals, cotangents):
+  q, k, v, o, lse = residuals
+  do, dlse = cotangents
+  dq, dk, dv = mosaic_gpu_bwd.backward(
+      q, k, v, o, lse, do.astype(q.dtype), causal=static.causal, sm_scale=static.sm_scale, dlse=dlse,
+      blocks=bwd_blocks, interpret=interpret,
+  )
+  return dq, dk, dv, None
+
+
+_flash_mosaic_backward.defvjp(_flash_mosaic_backward_fwd, _flash_mosaic_backward_bwd)

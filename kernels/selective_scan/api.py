@@ -7,16 +7,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.selective_scan import pallas_gpu, reference
+from kernels.selective_scan import pallas_gpu, pallas_tpu, reference
 
 # "xla": the chunked jnp reference (autodiff for gradients). "pallas": the fused Pallas kernels with their own
-# backward (interpret mode off GPU). "auto": Pallas on GPU, the reference elsewhere.
+# backward (`pallas_tpu` on a TPU backend, else `pallas_gpu`; interpret mode off their platform). "auto": Pallas on
+# GPU and TPU (where the TPU kernels take the group layout), the reference elsewhere.
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64
 
 
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def _pallas_platform() -> str:
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def _check_shape(name: str, array: jax.Array | None, expected: tuple[int, ...], letters: str) -> None:
@@ -89,11 +94,12 @@ def selective_scan(
     D: optional [Dm] skip connection. z: optional [B, L, Dm] gate. dt_bias: optional [Dm].
     initial_state: optional [B, Dm, N] (computed in fp32); zeros when None.
     return_final_state: also return the state after the last token, [B, Dm, N] fp32.
-    impl: "xla" (the reference), "pallas" (fused kernels; interpret mode off GPU) or "auto" (Pallas on GPU,
-      the reference elsewhere).
+    impl: "xla" (the reference), "pallas" (fused kernels: `pallas_tpu` on a TPU backend, else `pallas_gpu`;
+      interpret mode off their platform) or "auto" (Pallas on GPU and TPU, the reference elsewhere).
     chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
     block_sizes: tiles of the Pallas kernels (default `BlockSizes.get_default(N)`, block_d shrunk to divide
-      Dm / G); the backward keeps B * ceil(L / block_sizes.chunk) * Dm * N fp32 checkpoint states.
+      Dm / G; on a TPU backend a `pallas_tpu.BlockSizes`); the backward keeps B * ceil(L / block_sizes.chunk)
+      * Dm * N fp32 checkpoint states.
 
   Returns:
     y [B, L, Dm] in x.dtype, or (y, final_state) if return_final_state.
@@ -106,7 +112,9 @@ def selective_scan(
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
   if impl == "auto":
-    impl = "pallas" if _on_gpu() else "xla"
+    on_tpu = _pallas_platform() == "tpu"
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    impl = "pallas" if _on_gpu() or (on_tpu and pallas_tpu.unsupported(x.shape[2], groups) is None) else "xla"
   if impl == "pallas":
     y, state = _pallas_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                             initial_state=initial_state, block_sizes=block_sizes)
@@ -119,7 +127,14 @@ def selective_scan(
 
 
 def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, block_sizes):
-  """Pads N to a power of two (Triton tiles), adds the group axis to B/C, and calls the custom-VJP kernels."""
+  """Pads N to a power of two (Triton tiles), adds the group axis to B/C, and calls the custom-VJP kernels.
+
+  On a TPU backend the TPU kernels take over (they need no padding of N; see `pallas_tpu.selective_scan`).
+  """
+  if _pallas_platform() == "tpu":
+    return pallas_tpu.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     initial_state=initial_state, block_sizes=block_sizes,
+                                     interpret=jax.default_backend() != "tpu")
   n = A.shape[1]
   B, C = reference.as_grouped(B, 2), reference.as_grouped(C, 2)
   per_group = x.shape[2] // B.shape[2]
