@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from efficient_attention.parallel import shard_over_batch
 from kernels.block_sparse import BlockMask, block_sparse_attention
 
 # Largest kernel tile: the GPU kernels' best measured tile for bf16, D <= 128 (kernels/flash_attention).
@@ -22,9 +23,10 @@ def block_sparse_with_padding_mask(
 
   The kernel takes padding as lengths; a row whose mask has a hole comes out as NaN rather than silently wrong.
   """
+  sparse = lambda q, k, v, lengths: block_sparse_attention(q, k, v, mask, kv_lengths=lengths, impl="pallas")
   if key_mask is None:
-    return block_sparse_attention(q, k, v, mask, impl="pallas")
+    return shard_over_batch(sparse, q, k, v, None)
   lengths = key_mask.sum(axis=1, dtype=jnp.int32)
   right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1])[None, :] < lengths[:, None]), axis=1)
-  o = block_sparse_attention(q, k, v, mask, kv_lengths=lengths, impl="pallas")
+  o = shard_over_batch(sparse, q, k, v, lengths)
   return jnp.where(right_padded[:, None, None, None], o, jnp.nan)

@@ -120,6 +120,35 @@ def decoder_checks(mesh):
   return {"decoder": errors}
 
 
+def batch_split_checks(mesh):
+  """A batch-only mesh (data:4): the kernels run per data shard under shard_map (XLA would otherwise run each
+  opaque kernel call on the whole gathered batch on every device), with the single-device loss and gradients."""
+  config = DecoderConfig(
+      vocab_size=17, width=32, num_layers=3, num_heads=2, layer_pattern="flash,linear,mamba",
+      mixer_options={"flash": {"impl": "pallas"}, "linear": {"chunk_size": 8}}, position="rope", max_len=32,
+      mlp_ratio=1.0,
+  )
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  b, t = 4, 16
+  inputs = jax.random.randint(jax.random.key(3), (b, t), 0, 17)
+  mask = jnp.arange(t)[None, :] < jnp.array([16, 11, 16, 5])[:, None]
+  loss = lambda model, inputs, mask: jnp.mean(jnp.where(mask[..., None], model(inputs, mask=mask), 0.0) ** 2)
+  step = lambda model, inputs, mask: nnx.value_and_grad(loss)(model, inputs, mask)
+  expected_loss, expected_grads = nnx.jit(step)(model, inputs, mask)
+  spec = NamedSharding(mesh, PartitionSpec("data"))
+  with parallel.sequence_parallel(mesh):
+    args = (jax.device_put(inputs, spec), jax.device_put(mask, spec))
+    graphdef, state = nnx.split(model)
+    program = str(jax.make_jaxpr(lambda state, *a: step(nnx.merge(graphdef, state), *a))(state, *args))
+    actual_loss, actual_grads = nnx.jit(step)(model, *args)
+  errors = {"loss": relative_rms(actual_loss, expected_loss)}
+  flat_expected = dict(nnx.to_flat_state(expected_grads))
+  for path, value in nnx.to_flat_state(actual_grads):
+    errors["grad/" + "/".join(map(str, path))] = relative_rms(value[...], flat_expected[path][...])
+  # One shard_map per mixer in the forward pass (their transposes add more).
+  return {"batch_split": {"errors": errors, "shard_maps": program.count("shard_map[")}}
+
+
 def trainer_checks(cache_dir, workdir):
   """train_and_evaluate on a tiny ListOps with mesh data:2,sequence:2 and FSDP against one device."""
   # Imported here: the trainer pulls in orbax and the task generators, which the other checks do not need.
@@ -155,6 +184,7 @@ def main():
   results.update(ring_checks(layout))
   results.update(scan_checks(layout))
   results.update(decoder_checks(parallel.make_mesh("data:2,sequence:2")))
+  results.update(batch_split_checks(parallel.make_mesh("data:4")))
   with tempfile.TemporaryDirectory() as workdir:
     results.update(trainer_checks(os.path.join(workdir, "cache"), workdir))
   # The last line of stdout; the trainer's progress bar writes lines before it.

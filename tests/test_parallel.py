@@ -57,6 +57,13 @@ def test_decoder_loss_and_gradients_match_single_device(multi_device_results):
   assert not bad, f"relative RMS errors above {DECODER_TOLERANCE}: {bad}"
 
 
+def test_batch_only_mesh_runs_kernels_per_shard(multi_device_results):
+  report = multi_device_results["batch_split"]
+  assert report["shard_maps"] >= 3, "the flash, linear-attention and selective-scan calls should each be shard_mapped"
+  bad = {name: error for name, error in report["errors"].items() if not error <= DECODER_TOLERANCE}
+  assert not bad, f"relative RMS errors above {DECODER_TOLERANCE}: {bad}"
+
+
 def test_trainer_with_sequence_mesh_and_fsdp_matches_one_device(multi_device_results):
   """train_and_evaluate with train.mesh="data:2,sequence:2" and train.fsdp (a `local` encoder: bidirectional ring
   attention with a window reaching the blocks on both sides): same metrics as on one device."""

@@ -21,6 +21,7 @@ from efficient_attention.parallel.sharding import (
     make_mesh,
     parse_mesh,
     sequence_parallel,
+    shard_over_batch,
     state_shardings,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "sequence_linear_attention",
     "sequence_parallel",
     "sequence_selective_scan",
+    "shard_over_batch",
     "state_shardings",
 ]

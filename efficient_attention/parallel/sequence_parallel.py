@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from efficient_attention.parallel.sharding import SequenceLayout, active_layout
+from efficient_attention.parallel.sharding import SequenceLayout, active_layout, shard_over_batch
 from kernels.linear_attention import linear_attention as kernel_linear_attention
 from kernels.selective_scan import selective_scan as kernel_selective_scan
 
@@ -136,7 +136,8 @@ def sequence_linear_attention(q, k, v, *, decay=None, impl="auto", chunk_size=64
   """`kernels.linear_attention` from a zero state (same shapes), split over the active sequence layout if any."""
   layout = active_layout()
   if layout is None:
-    return kernel_linear_attention(q, k, v, decay=decay, impl=impl, chunk_size=chunk_size)
+    scan = functools.partial(kernel_linear_attention, impl=impl, chunk_size=chunk_size)
+    return shard_over_batch(lambda q, k, v, decay: scan(q, k, v, decay=decay), q, k, v, decay)
   return linear_attention(q, k, v, layout, decay=decay, impl=impl, chunk_size=chunk_size)
 
 
@@ -146,5 +147,7 @@ def sequence_selective_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
   layout = active_layout()
   common = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, impl=impl, chunk_size=chunk_size)
   if layout is None:
-    return kernel_selective_scan(x, dt, A, B, C, **common)
+    scan = lambda x, dt, A, B, C, D, z, dt_bias: kernel_selective_scan(
+        x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, impl=impl, chunk_size=chunk_size)
+    return shard_over_batch(scan, x, dt, A, B, C, D, z, dt_bias, replicated=(2, 5, 7))
   return selective_scan(x, dt, A, B, C, layout, **common)

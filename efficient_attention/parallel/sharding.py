@@ -5,13 +5,14 @@ model runs under jit with Auto axes: the batch's sharding ([B over data, T over 
 through XLA's propagation, so projections, MLPs, norms, token shifts and convolutions need no annotation
 (XLA exchanges the halo a shift or convolution needs). Only the ops that mix whole sequences (softmax
 attention, prefix scans) must know the layout; they read it from `sequence_parallel` at trace time and run
-their ring or scan-combine under `jax.shard_map`.
+their ring or scan-combine under `jax.shard_map`. With a batch-only split, the Pallas kernels still go through
+`shard_over_batch`, since XLA cannot partition a custom call by itself.
 """
 
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -112,17 +113,37 @@ def sequence_parallel(mesh: Mesh, axis: str = SEQUENCE_AXIS, batch_axis: str | N
   """
   if batch_axis is not None and batch_axis not in mesh.shape:
     batch_axis = None
-  previous = getattr(_ACTIVE, "layout", None)
+  previous = getattr(_ACTIVE, "layout", None), getattr(_ACTIVE, "batch_only", None)
   _ACTIVE.layout = SequenceLayout(mesh, axis, batch_axis) if mesh.shape.get(axis, 1) > 1 else None
+  data_split = batch_axis is not None and mesh.shape[batch_axis] > 1
+  _ACTIVE.batch_only = (mesh, batch_axis) if _ACTIVE.layout is None and data_split else None
   try:
     yield
   finally:
-    _ACTIVE.layout = previous
+    _ACTIVE.layout, _ACTIVE.batch_only = previous
 
 
 def active_layout() -> SequenceLayout | None:
   """The layout set by the innermost `sequence_parallel` block, or None (single-device path)."""
   return getattr(_ACTIVE, "layout", None)
+
+
+def shard_over_batch(fn: Callable[..., jax.Array], *args: jax.Array | None, replicated: tuple[int, ...] = ()
+                     ) -> jax.Array:
+  """fn(*args), run per `data` shard when a `sequence_parallel` block's mesh splits only the batch.
+
+  The Pallas kernels are opaque custom calls to XLA's partitioner, which runs one on the whole batch on every
+  device (all-gathering its inputs) unless it is told that the rows are independent; shard_map tells it.
+  Arguments with a leading batch axis are split; positions in `replicated` (e.g. per-channel parameters) and
+  None pass whole. fn returns one array with a leading batch axis. Without such a mesh this is fn(*args).
+  """
+  active = getattr(_ACTIVE, "batch_only", None)
+  if active is None:
+    return fn(*args)
+  mesh, axis = active
+  specs = tuple(None if a is None else PartitionSpec() if i in replicated else PartitionSpec(axis)
+                for i, a in enumerate(args))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axis), check_vma=False)(*args)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

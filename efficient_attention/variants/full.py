@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from efficient_attention.cache import KVCache, check_decodable, decode_impl, empty_kv, kv_cache_attention, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
-from efficient_attention.parallel import active_layout, ring_attention
+from efficient_attention.parallel import active_layout, ring_attention, shard_over_batch
 from efficient_attention.registry import register
 from efficient_attention.validation import check_choice
 from kernels.flash_attention import flash_attention
@@ -87,10 +87,12 @@ def flash_with_padding_mask(
 
   The kernel takes padding as lengths; a row whose mask has a hole comes out as NaN rather than silently wrong.
   """
+  flash = lambda q, k, v, lengths: flash_attention(q, k, v, causal=causal, window=window, kv_lengths=lengths,
+                                                   impl="pallas")
   if key_mask is None:
-    return flash_attention(q, k, v, causal=causal, window=window, impl="pallas")
+    return shard_over_batch(flash, q, k, v, None)
   lengths, right_padded = _right_padding_lengths(key_mask)
-  o = flash_attention(q, k, v, causal=causal, window=window, kv_lengths=lengths, impl="pallas")
+  o = shard_over_batch(flash, q, k, v, lengths)
   return jnp.where(right_padded[:, None, None, None], o, jnp.nan)
 
 

@@ -40,9 +40,12 @@ _BATCH_PER_DEVICE = flags.DEFINE_integer("batch_per_device", 8, "Part 1: sequenc
 _ITERS = flags.DEFINE_integer("iters", 20, "Part 1: timed steps per mesh (median reported).")
 _DEVICES = flags.DEFINE_list("devices", [], "Device counts to measure; default 1, 2, 4, ... up to all devices.")
 _START_LEN = flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence length tried on 1 device.")
-_BISECT = flags.DEFINE_integer("bisect", 1, "Part 2: bisection steps after the first failing length.")
+_BISECT = flags.DEFINE_integer("bisect", 3, "Part 2: bisection steps after the first failing length.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.")
 _PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
+# Part 2 runs a step only if its compiled memory analysis needs at most this share of the device's memory:
+# the allocator also needs room for fragmentation, and a step that runs out mid-way hangs the other devices.
+_HEADROOM = 0.95
 
 _VOCAB = 256
 
@@ -118,17 +121,38 @@ def _out_of_memory(error: Exception) -> bool:
 
 
 def _trains(n: int, seq_len: int) -> bool:
-  """Whether one training step at batch 1, length seq_len, sequence split over n devices, runs."""
+  """Whether one training step at batch 1, length seq_len, sequence split over n devices, fits and runs.
+
+  The compiled step's own memory analysis (per device: arguments, outputs and XLA's temporary buffer) decides
+  first; only a step that fits is run. Running one that does not would stop one device with an out-of-memory
+  error while the others wait in a collective for it, for good.
+  """
   spec = f"data:1,sequence:{n}"
   try:
     mesh, model, optimizer = _setup(n, spec, 1, seq_len)
     batch = shard_batch(_batch(np.random.default_rng(seq_len), 1, seq_len), mesh)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, batch, key):
+      model, optimizer = nnx.merge(graphdef, state)
+      return train_step(model, optimizer, batch, key, 1.0)
+
     with parallel.sequence_parallel(mesh):
-      metrics = jax.block_until_ready(train_step(model, optimizer, batch, jax.random.key(0), 1.0))
+      compiled = jax.jit(step).lower(state, batch, jax.random.key(0)).compile()
+    memory = compiled.memory_analysis()
+    needed = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+              - memory.alias_size_in_bytes)
+    # CPU devices report no memory limit: every step is then run.
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", float("inf"))
+    if needed > _HEADROOM * limit:
+      print(f"  {n} device(s), T={seq_len}: needs {needed / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB", flush=True)
+      return False
+    metrics = jax.block_until_ready(compiled(state, batch, jax.random.key(0)))
     ok = bool(np.isfinite(float(metrics["loss"])))
-    print(f"  {n} device(s), T={seq_len}: {'trains' if ok else 'non-finite loss'}", flush=True)
+    print(f"  {n} device(s), T={seq_len}: {'trains' if ok else 'non-finite loss'} "
+          f"({needed / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB)", flush=True)
     return ok
-  except Exception as error:  # noqa: BLE001 - out of memory is the answer being searched for
+  except Exception as error:  # noqa: BLE001 - out of memory (in compilation, say) is the answer being searched
     if not _out_of_memory(error):
       raise
     print(f"  {n} device(s), T={seq_len}: out of memory", flush=True)
