@@ -51,6 +51,10 @@ INTERPRET_CASES = [
     # Non-causal, a three-stage ring that wraps, D = 128, fp16, keys padded inside the last tile.
     pytest.param(1, 128, 250, 1, 1, 128, False, jnp.float16, mosaic_gpu.Config(block_k=64, num_stages=3), False,
                  id="bidir-3stages-d128-f16"),
+    # Fewer key tiles than ring slots (the prologue must not slice past S), and no padding, so the gradients
+    # come from the Mosaic backward: the pairing impl="mosaic" runs on aligned shapes.
+    pytest.param(1, 128, 128, 2, 1, 64, True, jnp.bfloat16, mosaic_gpu.Config(block_k=64, num_stages=4), True,
+                 id="causal-gqa2-one-tile-4stages-mosaic-bwd"),
 ]
 
 

@@ -134,7 +134,7 @@ def test_output_follows_v_dtype_and_state_stays_fp32():
         ({"decay": jnp.zeros((B, T, H, V + K))}, r"decay\.shape"),
         ({"initial_state": jnp.zeros((B, H, V, K))}, r"initial_state\.shape"),
         ({"initial_state": jnp.zeros((B, H, K, V), jnp.bfloat16)}, r"initial_state\.dtype"),
-        ({"impl": "triton"}, r"impl='triton' is not valid; choose one of 'xla', 'auto'"),
+        ({"impl": "cudnn"}, r"impl='cudnn' is not valid; choose one of 'xla', 'auto'"),
         ({"chunk_size": 0}, r"chunk_size=0"),
     ],
 )

@@ -239,10 +239,24 @@ def _forward(q, k, v, lengths, plan: _Plan):
   b, c, h, dh = q.shape
   o = jnp.zeros((b, c, h, dh), f32)
   lse = jnp.full((b, h, c), -jnp.inf, f32)
-  for shift in plan.shifts(k.shape[1]):
-    o_s, lse_s = _step(q, _shift(k, shift, plan), _shift(v, shift, plan), lengths, shift, plan)
+  for shift, kb, vb in _visiting_blocks(k, v, plan):
+    o_s, lse_s = _step(q, kb, vb, lengths, shift, plan)
     o, lse = _merge(o, lse, o_s, lse_s)
   return o.astype(q.dtype), lse
+
+
+def _visiting_blocks(k, v, plan: _Plan):
+  """(shift, K block, V block) for every step of the ring.
+
+  Each block is passed on from the previous one (a chain of ppermutes) rather than sent from its owner
+  directly: with direct sends all N-1 transfers are independent, XLA may issue them at once, and N copies of
+  the local K/V are alive together, which is the memory that ring attention exists to save.
+  """
+  at = 0
+  for shift in plan.shifts(k.shape[1]):
+    k, v = _shift(k, shift - at, plan), _shift(v, shift - at, plan)
+    at = shift
+    yield shift, k, v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -261,8 +275,7 @@ def _ring_bwd(plan: _Plan, residuals, do):
   dot_o = jnp.sum(do_f32 * o.astype(f32), axis=-1).transpose(0, 2, 1)  # [b, H, c]
   dq = jnp.zeros(q.shape, f32)
   dk, dv = jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-  for shift in plan.shifts(k.shape[1]):
-    kb, vb = _shift(k, shift, plan), _shift(v, shift, plan)
+  for shift, kb, vb in _visiting_blocks(k, v, plan):
     (o_s, lse_s), pullback = jax.vjp(lambda q, kb, vb: _step(q, kb, vb, lengths, shift, plan), q, kb, vb)
     # o = sum_s w_s o_s with w_s = exp(lse_s - lse): o_s gets w_s do, and lse_s gets w_s (do.o_s - do.o).
     weight = jnp.where(jnp.isfinite(lse_s) & jnp.isfinite(lse), jnp.exp(lse_s - lse), 0.0)  # [b, H, c]
@@ -270,8 +283,9 @@ def _ring_bwd(plan: _Plan, residuals, do):
     do_s = (do_f32 * weight.transpose(0, 2, 1)[..., None]).astype(o_s.dtype)
     dq_s, dkb, dvb = pullback((do_s, weight * (dot_o_s - dot_o)))
     dq = dq + dq_s.astype(f32)
-    dk = dk + _shift(dkb.astype(f32), -shift, plan)
-    dv = dv + _shift(dvb.astype(f32), -shift, plan)
+    # Sent home in the kernel's output dtype (k's), half the bytes of fp32 for bf16, and summed there in fp32.
+    dk = dk + _shift(dkb, -shift, plan).astype(f32)
+    dv = dv + _shift(dvb, -shift, plan).astype(f32)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

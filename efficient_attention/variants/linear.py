@@ -29,7 +29,8 @@ f32 = jnp.float32
 class LinearAttentionConfig(AttentionConfig):
   variant = "linear"
   # Prefix-scan implementation for the causal form (kernels.linear_attention): "xla" (the jnp reference), "pallas"
-  # (the kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
+  # (the kernels; interpret mode off GPU), "triton" (Triton-language kernels via jax-triton; GPU only) or "auto"
+  # (the faster GPU kernels on GPU, the reference elsewhere).
   impl: str = "auto"
   # Tokens per chunk of the causal scan: quadratic work inside a chunk, one state update per chunk.
   chunk_size: int = 64

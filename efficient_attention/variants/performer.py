@@ -44,7 +44,8 @@ class PerformerConfig(AttentionConfig):
   # stream of the rngs the module was built with; the last draw is kept for evaluation.
   redraw_features: bool = False
   # Prefix-scan implementation for the causal form (kernels.linear_attention): "xla" (the jnp reference), "pallas"
-  # (the kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
+  # (the kernels; interpret mode off GPU), "triton" (Triton-language kernels via jax-triton; GPU only) or "auto"
+  # (the faster GPU kernels on GPU, the reference elsewhere).
   impl: str = "auto"
   # Tokens per chunk of the causal scan.
   chunk_size: int = 64

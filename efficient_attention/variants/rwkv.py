@@ -56,7 +56,8 @@ class RWKVConfig(MixerConfig):
   # Hidden width of channel mixing as a multiple of the model width (3.5 in RWKV-6).
   ffn_multiplier: float = 3.5
   # Prefix-scan implementation (kernels.linear_attention): "xla" (the jnp reference), "pallas"
-  # (the kernels; interpret mode off GPU) or "auto" (Pallas on GPU, the reference elsewhere).
+  # (the kernels; interpret mode off GPU), "triton" (Triton-language kernels via jax-triton; GPU only) or "auto"
+  # (the faster GPU kernels on GPU, the reference elsewhere).
   impl: str = "auto"
   # Tokens per chunk of the scan; with a per-channel decay the reference holds [chunk, chunk, D] per head.
   chunk_size: int = 32

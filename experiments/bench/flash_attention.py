@@ -14,7 +14,7 @@ from absl import app, flags
 
 from experiments.bench.timing import environment, median_ms, write_results
 from kernels.flash_attention import flash_attention, mosaic_gpu, mosaic_gpu_bwd
-from kernels.flash_attention.api import _mosaic_bwd_attention
+from kernels.flash_attention.api import _mosaic_attention, _mosaic_bwd_attention
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
@@ -28,7 +28,8 @@ _MOSAIC_CONFIGS = flags.DEFINE_list(
 _MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
     "mosaic_bwd_configs", [], "Extra tiles for the Mosaic GPU backward (Triton forward), "
     "bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq each (e.g. 64:64:64:128:3:3, see mosaic_gpu_bwd.BlockSizes); "
-    "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls).")
+    "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls) and a row 'mosaic[bwd=...]' with the "
+    "Mosaic forward (timed when 'mosaic' is).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
 _TOKENS = 16384
 _WIDTH = 2048
@@ -54,6 +55,10 @@ def _peers() -> dict:
     impls[f"mosaic_bwd[{spec}]"] = lambda q, k, v, causal, blocks=blocks: _mosaic_bwd_attention(
         q, k, v, causal=causal, sm_scale=q.shape[-1] ** -0.5, window=None, kv_lengths=None, block_sizes=None,
         bwd_blocks=blocks)[0]
+    # The same backward tiles behind the Mosaic forward: the pairing impl="mosaic" runs.
+    impls[f"mosaic[bwd={spec}]"] = lambda q, k, v, causal, blocks=blocks: _mosaic_attention(
+        q, k, v, causal=causal, sm_scale=q.shape[-1] ** -0.5, window=None, kv_lengths=None, block_sizes=None,
+        config=None, bwd_blocks=blocks)[0]
   try:
     import tokamax
 
@@ -111,7 +116,8 @@ def main(argv):
             traceback.print_exc(limit=1)
           rows.append(row)
           print(row, flush=True)
-  write_results(_OUT_DIR.value, "flash_attention", env, rows, _table(rows, list(peers)))
+        # Rewritten after every row, so a run stopped by a time limit keeps what it measured.
+        write_results(_OUT_DIR.value, "flash_attention", env, rows, _table(rows, list(peers)))
 
 
 def _table(rows, names):

@@ -1,5 +1,6 @@
-"""Linear-attention benchmark: ms forward and forward+backward of our Pallas scan, the XLA reference and
-flash-linear-attention (fla, PyTorch + Triton), in one process.
+"""Linear-attention benchmark: ms forward and forward+backward of our Pallas scan, our Triton-language scan
+(impl="triton", through jax-triton), the XLA reference and flash-linear-attention (fla, PyTorch + Triton), in one
+process.
 
   python -m experiments.bench.linear_attention --out_dir=benchmarks/results
 
@@ -30,8 +31,9 @@ from kernels.linear_attention.pallas_gpu import BlockSizes  # noqa: E402
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "Sequence lengths T.")
 _DECAYS = flags.DEFINE_list("decays", ["none"], "Decay kinds: none, head, channel.")
-_IMPLS = flags.DEFINE_list("impls", ["ours", "ours_2pass", "xla", "fla"],
-                           "Implementations to time (ours_2pass: ours with the two-pass forward).")
+_IMPLS = flags.DEFINE_list("impls", ["ours", "ours_2pass", "triton", "xla", "fla"],
+                           "Implementations to time (ours: Pallas; ours_2pass: ours with the two-pass forward; "
+                           "triton: impl='triton').")
 _TILES = flags.DEFINE_list(
     "tiles", [], "Extra rows of ours with other launch settings of the chunk walks, each V_TILE/WARPS/STAGES, e.g. 64/8/2.")
 _BATCH = flags.DEFINE_integer("batch", 4, "B.")
@@ -48,6 +50,7 @@ def _jax_impls(decay_kind: str) -> dict:
       "ours": lambda q, k, v, g: linear_attention(q, k, v, decay=g, impl="pallas"),
       # Differs from "ours" in the forward alone: training always takes the two-pass forward.
       "ours_2pass": lambda q, k, v, g: linear_attention(q, k, v, decay=g, impl="pallas", block_sizes=two_pass),
+      "triton": lambda q, k, v, g: linear_attention(q, k, v, decay=g, impl="triton"),
       "xla": lambda q, k, v, g: linear_attention(q, k, v, decay=g, impl="xla"),
   }
   impls = {name: fn for name, fn in impls.items() if name in _IMPLS.value}

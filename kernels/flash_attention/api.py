@@ -189,9 +189,12 @@ def _flash_bwd(static, blocks, interpret, platform, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _mosaic_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, config):
+def _mosaic_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, config, bwd_blocks=None):
   """Forward by the Mosaic GPU kernel (interpret mode off GPU); backward by the Mosaic GPU kernels where they
-  apply (no key padding), else by the Triton-lowering ones."""
+  apply (no key padding), else by the Triton-lowering ones.
+
+  bwd_blocks: `mosaic_gpu_bwd.BlockSizes` of the Mosaic backward (default per head dim); the benchmark sweeps it.
+  """
   if reasons := mosaic_gpu.unsupported_reasons(q, k, v, causal, window, kv_lengths):
     raise NotImplementedError(f"impl='mosaic' does not support {', '.join(reasons)}")
   b, t, h, d = q.shape
@@ -210,29 +213,29 @@ def _mosaic_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_si
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
   lengths = jnp.full((b,), s, jnp.int32)
   o, lse = _flash_mosaic(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, not _on_gpu(),
-                         config, s)
+                         config, s, bwd_blocks)
   return o[:, :t], lse[:, :, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash_mosaic(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length):
-  return _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _flash_mosaic(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length, bwd_blocks):
+  return _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length, bwd_blocks)[0]
 
 
-def _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length):
+def _flash_mosaic_fwd(q, k, v, kv_lengths, static, blocks, interpret, config, kv_length, bwd_blocks):
   o, lse = mosaic_gpu.forward(q, k, v, causal=static.causal, sm_scale=static.sm_scale, config=config,
                               kv_length=kv_length, offset=static.offset, interpret=interpret)
   return (o, lse), (q, k, v, o, lse, kv_lengths)
 
 
-def _flash_mosaic_bwd(static, blocks, interpret, config, kv_length, residuals, cotangents):
+def _flash_mosaic_bwd(static, blocks, interpret, config, kv_length, bwd_blocks, residuals, cotangents):
   q, k, v, o, lse, kv_lengths = residuals
   # The Mosaic backward takes no key padding; with none (S a tile multiple) it runs, else the Triton one.
-  if static.has_kv_length or not mosaic_gpu_bwd.supports(q.shape, k.shape, q.dtype):
+  if static.has_kv_length or not mosaic_gpu_bwd.supports(q.shape, k.shape, q.dtype, blocks=bwd_blocks):
     return _flash_bwd(static, blocks, interpret, "gpu", residuals, cotangents)
   do, dlse = cotangents
   dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do.astype(q.dtype), causal=static.causal,
-                                       sm_scale=static.sm_scale, dlse=dlse, interpret=interpret)
+                                       sm_scale=static.sm_scale, dlse=dlse, blocks=bwd_blocks, interpret=interpret)
   return dq, dk, dv, None
 
 

@@ -262,7 +262,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-    for j in range(stages):
+    # Static bound too: a static slice past S fails when traced, even under a false pl.when.
+    for j in range(min(stages, k_ref.shape[1] // bk)):
       pl.when(j < cta_k_tiles)(functools.partial(load, j, j))
 
     @pl.loop(stages, cta_k_tiles)

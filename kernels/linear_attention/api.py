@@ -1,19 +1,24 @@
 """Public linear-attention ops: validate arguments, pick an implementation, wire the Pallas kernels' VJP.
 
-impl="xla" differentiates the reference by autodiff; impl="pallas" has its own backward kernels.
+impl="xla" differentiates the reference by autodiff; impl="pallas" and impl="triton" have their own backward kernels.
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.linear_attention import pallas_gpu, reference
+from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
-# "xla": the chunked jnp reference. "pallas": the Pallas kernels (interpret mode off GPU).
-# "auto": the Pallas kernels on GPU, the reference elsewhere (and wherever the kernels decline the inputs).
-IMPLEMENTATIONS = ("xla", "auto", "pallas")
+# "xla": the chunked jnp reference. "pallas": the Pallas kernels (interpret mode off GPU). "triton": the
+# Triton-language kernels through jax-triton (GPU only). "auto": GPU_AUTO_IMPL on GPU, the Pallas kernels on TPU,
+# the reference elsewhere (and wherever the kernels decline the inputs).
+IMPLEMENTATIONS = ("xla", "auto", "pallas", "triton")
+# Which GPU path impl="auto" takes: the faster of "pallas" and "triton" in experiments/bench/linear_attention.py
+# (fwd+bwd, bf16, H200). "pallas" until a run says otherwise; "triton" falls back to "pallas" without jax-triton.
+GPU_AUTO_IMPL = "pallas"
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
@@ -88,10 +93,13 @@ def linear_attention(
       (one per key channel, RWKV-6-style); log space, every entry <= 0.
     initial_state: optional [B, H, K, V] float32; zeros when None.
     return_final_state: also return the state after the last token, [B, H, K, V] float32.
-    impl: one of IMPLEMENTATIONS: "xla" (reference), "pallas" (kernels; interpret mode off GPU), "auto"
-      (Pallas on GPU, the reference elsewhere or for inputs the kernels do not take).
+    impl: one of IMPLEMENTATIONS: "xla" (reference), "pallas" (kernels: `pallas_tpu` on a TPU backend, else
+      `pallas_gpu`; interpret mode off their platform), "triton" (the Triton-language kernels of `triton.py`
+      through jax-triton; GPU only), "auto" (on GPU `GPU_AUTO_IMPL`, on TPU Pallas, the reference elsewhere
+      or for inputs the kernels do not take).
     chunk_size: tokens per chunk of the reference; see `reference.linear_attention_chunked` for memory.
-    block_sizes: chunk and tiles of the Pallas kernels (default `pallas_gpu.BlockSizes.get_default`).
+    block_sizes: chunk and tiles of the Pallas and Triton GPU kernels (default `pallas_gpu.BlockSizes.get_default`;
+      on a TPU backend a `pallas_tpu.BlockSizes`, default `pallas_tpu.BlockSizes.get_default`).
       Differentiated, the Pallas path keeps the state entering every chunk of C tokens for the backward,
       [B, H, T / C, K, V] in the input dtype (as large as q when C = V); the reference keeps more.
 
@@ -106,11 +114,15 @@ def linear_attention(
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
   if impl == "auto":
-    impl = "pallas" if _on_gpu() else "xla"
+    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
     if impl == "pallas" and not _pallas_supports(q, v, decay):
       impl = "xla"
+    elif impl == "pallas" and _on_gpu() and GPU_AUTO_IMPL == "triton" and _triton_installed():
+      impl = "triton"
   if impl == "pallas":
     o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not _on_gpu())
+  elif impl == "triton":
+    o, state = _triton_linear_attention(q, k, v, decay, initial_state, block_sizes)
   else:
     o, state = reference.linear_attention_chunked(
         q, k, v, decay=decay, initial_state=initial_state, chunk_size=chunk_size
@@ -120,6 +132,32 @@ def linear_attention(
 
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def _triton_installed() -> bool:
+  return all(importlib.util.find_spec(name) is not None for name in ("triton", "jax_triton"))
+
+
+def _triton_linear_attention(q, k, v, decay, initial_state, block_sizes):
+  """impl="triton": the Triton-language kernels of `triton.py` (same block sizes as the Pallas GPU kernels)."""
+  if not _on_gpu() or not _triton_installed():
+    raise NotImplementedError(
+        "impl='triton' needs a CUDA GPU and jax-triton (pip install 'jax-triton==0.3.1', or this package's [gpu] "
+        f"extra); here jax's default backend is {jax.default_backend()!r} and jax-triton is "
+        f"{'' if _triton_installed() else 'not '}installed. Use impl='pallas' or impl='auto'"
+    )
+  if not _pallas_supports(q, v, decay):
+    raise NotImplementedError(
+        f"impl='triton' takes float32, bfloat16 or float16; got q.dtype={q.dtype}, v.dtype={v.dtype}"
+        + ("" if decay is None else f", decay.dtype={decay.dtype}")
+    )
+  from kernels.linear_attention import triton as triton_kernels  # noqa: PLC0415 (imports triton: GPU only)
+
+  return triton_kernels.linear_attention(q, k, v, decay, initial_state, block_sizes)
+
+
+def _pallas_platform() -> str:
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def _pallas_supports(q, v, decay) -> bool:
@@ -138,6 +176,11 @@ def _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, *, inte
         f"impl='pallas' takes float32, bfloat16 or float16; got q.dtype={q.dtype}, v.dtype={v.dtype}"
         + ("" if decay is None else f", decay.dtype={decay.dtype}")
     )
+  if _pallas_platform() == "tpu":
+    if block_sizes is not None and not isinstance(block_sizes, pallas_tpu.BlockSizes):
+      raise ValueError(f"block_sizes={block_sizes!r} is not valid on TPU; pass a pallas_tpu.BlockSizes")
+    return pallas_tpu.linear_attention(q, k, v, decay, initial_state, block_sizes,
+                                       interpret=jax.default_backend() != "tpu")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   k_pad, v_pad = max(16, pl.next_power_of_2(dk)), max(16, pl.next_power_of_2(dv))
