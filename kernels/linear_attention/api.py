@@ -17,8 +17,10 @@ from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 # the reference elsewhere (and wherever the kernels decline the inputs).
 IMPLEMENTATIONS = ("xla", "auto", "pallas", "triton")
 # Which GPU path impl="auto" takes: the faster of "pallas" and "triton" in experiments/bench/linear_attention.py
-# (fwd+bwd, bf16, H200). "pallas" until a run says otherwise; "triton" falls back to "pallas" without jax-triton.
-GPU_AUTO_IMPL = "pallas"
+# (fwd+bwd, bf16, B=4, H=16, K=V=128, one H200, benchmarks/results/linear_attention.md): triton 2.55 ms vs
+# pallas 3.35 ms at T=16K, 9.16 vs 11.84 ms at 64K (forward alone within 11% either way). Falls back to
+# "pallas" without jax-triton.
+GPU_AUTO_IMPL = "triton"
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
