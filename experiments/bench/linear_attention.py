@@ -168,7 +168,9 @@ def main(argv):
     impls = _jax_impls(decay_kind)
     for t in map(int, _SEQ_LENS.value):
       inputs = _jax_inputs(b, t, h, d, decay_kind)
-      names = list(impls) + (["fla"] if "fla" in _IMPLS.value else [])
+      # fla first: after jax-triton has launched a kernel in this process, fla's Triton backend failed to start
+      # on an H200 ("Could not create or locate cache dir"; 2026-11-28), so it runs before ours.
+      names = (["fla"] if "fla" in _IMPLS.value else []) + list(impls)
       for name in names:
         row = dict(impl=name, decay=decay_kind, T=t, B=b, H=h, D=d)
         try:
