@@ -88,6 +88,21 @@ def scan_checks(layout):
   return results
 
 
+def ring_memory_checks():
+  """Compiled temporary memory of ring attention's forward + backward at the same tokens per device on 2 and 4
+  devices: one visiting block and one partial result alive at a time, so it should not grow with the ring."""
+  c, h, d = 128, 2, 16
+
+  def temp_bytes(n):
+    layout = parallel.SequenceLayout(parallel.make_mesh(f"data:1,sequence:{n}", devices=jax.devices()[:n]))
+    q = jax.ShapeDtypeStruct((1, n * c, h, d), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(parallel.ring_attention(q, k, v, layout, causal=True, impl="xla") ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  return {"ring_memory": {"two": temp_bytes(2), "four": temp_bytes(4)}}
+
+
 def decoder_checks(mesh):
   """Loss and every parameter gradient of a hybrid decoder, one layer per parallel path (ring attention with a
   causal window, scan-combine for Performer (the `linear` mixer's path plus a decay), RWKV and Mamba), with
@@ -183,6 +198,7 @@ def main():
   results = {}
   results.update(ring_checks(layout))
   results.update(scan_checks(layout))
+  results.update(ring_memory_checks())
   results.update(decoder_checks(parallel.make_mesh("data:2,sequence:2")))
   results.update(batch_split_checks(parallel.make_mesh("data:4")))
   with tempfile.TemporaryDirectory() as workdir:

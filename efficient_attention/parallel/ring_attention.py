@@ -235,28 +235,36 @@ def _merge(o_acc, lse_acc, o, lse):
   return o_acc * scale(w_acc) + o.astype(f32) * scale(w), top + jnp.log(total)
 
 
+def _around_the_ring(k, v, plan: _Plan, step, carry):
+  """carry = step(carry, shift, K block, V block) for every block that visits this device, in ring order.
+
+  Each block is passed on from the previous one (a chain of ppermutes), and the transfer of the next block is
+  issued before the current step runs, so communication overlaps compute. The optimization barrier then ties
+  the step's result to the block in flight: no later step starts before this one ends. Without it the steps
+  are independent to XLA, which may run all transfers and kernels at once and keep every visiting block and
+  partial result alive, memory that grows with the number of devices (measured: +29 MiB instead of +8 MiB
+  over one device's step at 2K tokens per device on 4 devices), which ring attention exists to avoid.
+  """
+  shifts = plan.shifts(k.shape[1])
+  kb, vb = _shift(k, shifts[0], plan), _shift(v, shifts[0], plan)
+  for shift, following in zip(shifts, (*shifts[1:], None)):
+    in_flight = None if following is None else (_shift(kb, following - shift, plan),
+                                                _shift(vb, following - shift, plan))
+    carry = step(carry, shift, kb, vb)
+    if in_flight is not None:
+      carry, (kb, vb) = jax.lax.optimization_barrier((carry, in_flight))
+  return carry
+
+
 def _forward(q, k, v, lengths, plan: _Plan):
   b, c, h, dh = q.shape
-  o = jnp.zeros((b, c, h, dh), f32)
-  lse = jnp.full((b, h, c), -jnp.inf, f32)
-  for shift, kb, vb in _visiting_blocks(k, v, plan):
-    o_s, lse_s = _step(q, kb, vb, lengths, shift, plan)
-    o, lse = _merge(o, lse, o_s, lse_s)
+
+  def step(carry, shift, kb, vb):
+    return _merge(*carry, *_step(q, kb, vb, lengths, shift, plan))
+
+  initial = (jnp.zeros((b, c, h, dh), f32), jnp.full((b, h, c), -jnp.inf, f32))
+  o, lse = _around_the_ring(k, v, plan, step, initial)
   return o.astype(q.dtype), lse
-
-
-def _visiting_blocks(k, v, plan: _Plan):
-  """(shift, K block, V block) for every step of the ring.
-
-  Each block is passed on from the previous one (a chain of ppermutes) rather than sent from its owner
-  directly: with direct sends all N-1 transfers are independent, XLA may issue them at once, and N copies of
-  the local K/V are alive together, which is the memory that ring attention exists to save.
-  """
-  at = 0
-  for shift in plan.shifts(k.shape[1]):
-    k, v = _shift(k, shift - at, plan), _shift(v, shift - at, plan)
-    at = shift
-    yield shift, k, v
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -273,19 +281,21 @@ def _ring_bwd(plan: _Plan, residuals, do):
   q, k, v, lengths, o, lse = residuals
   do_f32 = do.astype(f32)
   dot_o = jnp.sum(do_f32 * o.astype(f32), axis=-1).transpose(0, 2, 1)  # [b, H, c]
-  dq = jnp.zeros(q.shape, f32)
-  dk, dv = jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-  for shift, kb, vb in _visiting_blocks(k, v, plan):
+
+  def step(carry, shift, kb, vb):
+    dq, dk, dv = carry
     (o_s, lse_s), pullback = jax.vjp(lambda q, kb, vb: _step(q, kb, vb, lengths, shift, plan), q, kb, vb)
     # o = sum_s w_s o_s with w_s = exp(lse_s - lse): o_s gets w_s do, and lse_s gets w_s (do.o_s - do.o).
     weight = jnp.where(jnp.isfinite(lse_s) & jnp.isfinite(lse), jnp.exp(lse_s - lse), 0.0)  # [b, H, c]
     dot_o_s = jnp.sum(do_f32 * o_s.astype(f32), axis=-1).transpose(0, 2, 1)
     do_s = (do_f32 * weight.transpose(0, 2, 1)[..., None]).astype(o_s.dtype)
     dq_s, dkb, dvb = pullback((do_s, weight * (dot_o_s - dot_o)))
-    dq = dq + dq_s.astype(f32)
-    # Sent home in the kernel's output dtype (k's), half the bytes of fp32 for bf16, and summed there in fp32.
-    dk = dk + _shift(dkb, -shift, plan).astype(f32)
-    dv = dv + _shift(dvb, -shift, plan).astype(f32)
+    # dK/dV go home in the kernel's output dtype (k's: half the bytes of fp32 for bf16) and are summed in fp32.
+    return (dq + dq_s.astype(f32), dk + _shift(dkb, -shift, plan).astype(f32),
+            dv + _shift(dvb, -shift, plan).astype(f32))
+
+  initial = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+  dq, dk, dv = _around_the_ring(k, v, plan, step, initial)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
