@@ -35,7 +35,8 @@ _IMPLS = flags.DEFINE_list("impls", ["ours", "ours_2pass", "triton", "xla", "fla
                            "Implementations to time (ours: Pallas; ours_2pass: ours with the two-pass forward; "
                            "triton: impl='triton').")
 _TILES = flags.DEFINE_list(
-    "tiles", [], "Extra rows of ours with other launch settings of the chunk walks, each V_TILE/WARPS/STAGES, e.g. 64/8/2.")
+    "tiles", [],
+    "Extra rows of ours with other launch settings of the chunk walks, each V_TILE/WARPS/STAGES, e.g. 64/8/2.")
 _BATCH = flags.DEFINE_integer("batch", 4, "B.")
 _HEADS = flags.DEFINE_integer("heads", 16, "H.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "K = V.")

@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.block_sparse.pallas_gpu import _Static, fit_blocks
 from kernels.flash_attention.pallas_tpu import (LANES, BlockSizes, _compiler_params, _dot, _dot_t, _RowView,
+                                                online_softmax_finalize, online_softmax_init, online_softmax_update,
                                                 stat_spec)
 
 __all__ = ["BlockSizes", "backward", "fit_blocks", "forward"]
@@ -68,35 +69,17 @@ def _forward_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, lengths_r
   num_full, count = num_full_ref[mh, row], count_ref[mh, row]
   first_key = blocks_ref[mh, row, _last_listed(n, count)] * static.mask_block_k
 
-  @pl.when(n == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  pl.when(n == 0)(functools.partial(online_softmax_init, m_ref, l_ref, acc_ref))
 
   def body(masked):
     s = _dot_t(q_ref[...], k_ref[...], static) * static.sm_scale
     if masked:
       s = _masked(s, -jnp.inf, tiles_ref, n >= num_full, first_key, lengths_ref, b, static)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing attended yet stays at zero weight
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[...]
-    acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(v.dtype), v, static)
-    m_ref[...] = m_new
+    online_softmax_update(s, v_ref, m_ref, l_ref, acc_ref, static)
 
   _run_step(n, count, num_full, first_key, static.mask_block_k, lengths_ref, b, static, body)
 
-  @pl.when(n == num_steps - 1)
-  def _finalize():
-    l = l_ref[...]
-    empty = l == 0.0
-    safe_l = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(safe_l))
+  pl.when(n == num_steps - 1)(functools.partial(online_softmax_finalize, m_ref, l_ref, acc_ref, o_ref, lse_ref))
 
 
 def _dq_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, lengths_ref, tiles_ref, q_ref, k_ref, v_ref, do_ref,

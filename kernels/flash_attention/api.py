@@ -53,8 +53,8 @@ def flash_attention(
     impl: "xla" (reference), "pallas" (Pallas kernel: the Mosaic TPU one on a TPU, else the GPU one; interpret
       mode off its platform), "cudnn" (`jax.nn.dot_product_attention`), "mosaic" (Hopper kernels in Pallas' Mosaic
       GPU lowering: its forward, and its backward where no key padding is needed, else the "pallas" GPU backward;
-      interpret mode off GPU), "mosaic_bwd" (the "pallas" GPU forward with the Mosaic GPU backward), or "auto" (Pallas on GPU and TPU, the
-      reference elsewhere).
+      interpret mode off GPU), "mosaic_bwd" (the "pallas" GPU forward with the Mosaic GPU backward), or "auto"
+      (Pallas on GPU and TPU, the reference elsewhere).
     block_sizes: tile sizes of the Pallas kernel (default: the platform's `BlockSizes.get_default(D)`; the TPU
       kernels read only the six tile fields, so either platform's `BlockSizes` works there).
     mosaic_config: tiles of the impl="mosaic" forward (Hopper, Mosaic GPU lowering, bf16/fp16, D in 64/128/256,

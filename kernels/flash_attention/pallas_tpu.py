@@ -148,41 +148,56 @@ def _run_tile(index, tiles, step):
   pl.when(inside & jnp.logical_not(full))(functools.partial(step, True))
 
 
+def online_softmax_init(m_ref, l_ref, acc_ref):
+  """Running max m [bq, 1], normaliser l [bq, 1] and output accumulator [bq, D] (fp32 VMEM) before the first
+  key tile; shared with kernels/block_sparse/pallas_tpu.py."""
+  m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def online_softmax_update(s, v_ref, m_ref, l_ref, acc_ref, static):
+  """Folds one tile of logits s [bq, bk] (masked entries -inf) and its values [bk, D] into m, l and acc.
+
+  static: the kernel's static settings (flash's or block-sparse's `_Static`); only its matmul precision is read.
+  """
+  m_prev = m_ref[...]
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing attended yet stays at zero weight
+  p = jnp.exp(s - m_safe)
+  alpha = jnp.exp(m_prev - m_safe)
+  l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+  v = v_ref[...]
+  acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(v.dtype), v, static)
+  m_ref[...] = m_new
+
+
+def online_softmax_finalize(m_ref, l_ref, acc_ref, o_ref, lse_ref):
+  """o = acc / l and the natural-log lse after the last key tile; rows that attended nothing get 0 and -inf."""
+  l = l_ref[...]
+  empty = l == 0.0
+  safe_l = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(safe_l))
+
+
 def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, static: _Static,
                     num_k_tiles: int):
   b, q_tile, k_tile = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   block_q, block_k = q_ref.shape[0], k_ref.shape[0]
 
-  @pl.when(k_tile == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  pl.when(k_tile == 0)(functools.partial(online_softmax_init, m_ref, l_ref, acc_ref))
 
   def step(masked):
     s = _dot_t(q_ref[...], k_ref[...], static) * static.sm_scale
     if masked:
       kv_length = lengths_ref[b] if static.has_kv_length else None
       s = _element_mask(s, -jnp.inf, q_tile * block_q, k_tile * block_k, static, kv_length)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing attended yet stays at zero weight
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[...]
-    acc_ref[...] = acc_ref[...] * alpha + _dot(p.astype(v.dtype), v, static)
-    m_ref[...] = m_new
+    online_softmax_update(s, v_ref, m_ref, l_ref, acc_ref, static)
 
   _run_tile(k_tile, _key_tiles(static, lengths_ref, b, q_tile, block_q, block_k, num_k_tiles), step)
 
-  @pl.when(k_tile == num_k_tiles - 1)
-  def _finalize():
-    l = l_ref[...]
-    empty = l == 0.0
-    safe_l = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(safe_l))
+  pl.when(k_tile == num_k_tiles - 1)(functools.partial(online_softmax_finalize, m_ref, l_ref, acc_ref, o_ref, lse_ref))
 
 
 def _probabilities(q, k, lse, first_q, first_k, static: _Static, kv_length, masked):

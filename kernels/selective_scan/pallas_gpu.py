@@ -23,6 +23,26 @@ states from that checkpoint (in registers), then runs the reverse recurrence thr
 dB/dC are sums over channels, which live in different programs: each program writes its partial sum
 [B, L, Dm / block_d, N] and a jnp sum finishes it (deterministic, no atomics). dA, dD and d(dt_bias) are
 accumulated in registers over the sequence and summed over the batch the same way.
+
+Segments (BlockSizes.segment): the single walk above has only B * Dm / block_d programs, each latency-bound
+through all L tokens. With `segment` set, time is cut into S = ceil(L / segment) segments and every pass has one
+program per (batch row, channel block, segment), using that the state is affine in the state it starts from:
+
+  forward  1. each segment scans from a zero state: its end state e_s [B, S, Dm, N] and sum of delta Σ_s [B, S, Dm]
+           2. (jnp, S steps) entry states h_{s+1} = exp(A Σ_s) h_s + e_s, h_0 = initial state; the last one is
+              the final state
+           3. each segment re-runs the single-walk forward body from its entry state: y and chunk checkpoints.
+              A re-scan rather than adding C_t . (exp(A cumsum delta) h_s) to pass-1 outputs: that correction costs
+              the same exp per state element as a step of the scan, and would make pass 1 compute and write a
+              pre-gate y in fp32 for pass 3 to read back; this way pass 1 reads only x, dt and B.
+  backward A. each segment runs the reverse recurrence from dh = 0; it needs only dy, z, C and delta (dp_t does not
+              depend on the state), giving the segment's own contribution g_s to the cotangent of its entry state
+           B. (jnp) cotangent at segment s's exit: dh_S-1 = d(final state), dh_s = exp(A Σ_s+1) dh_s+1 + g_s+1;
+              d(initial state) = exp(A Σ_0) dh_0 + g_0
+           C. each segment runs the single-walk backward body over its chunks from its exit cotangent, writing dx,
+              ddt, dz, the dB/dC partials and per-program dA, dD, d(dt_bias) partials that a jnp sum finishes.
+A segment is a whole number of chunks; a length that is not a multiple of the chunk puts the tail chunk in the
+last segment, which a `lax.cond` on the segment index runs.
 """
 
 import dataclasses
@@ -45,6 +65,8 @@ class BlockSizes:
     fill the GPU's SMs (the scan has no parallelism along L within a program).
   chunk: tokens per unrolled chunk, and the interval between the state checkpoints the backward recomputes from.
   block_d_bwd, num_warps_bwd: the backward kernel's; None takes the forward's.
+  segment: tokens per independently scanned segment (a multiple of chunk), giving B * Dm / block_d * ceil(L /
+    segment) programs per pass (see the module docstring); None walks the whole sequence in one program.
   """
 
   block_d: int = 16
@@ -53,6 +75,7 @@ class BlockSizes:
   num_stages: int = 1
   block_d_bwd: int | None = None
   num_warps_bwd: int | None = None
+  segment: int | None = None
 
   @classmethod
   def get_default(cls, state_size: int = 16) -> "BlockSizes":
@@ -73,10 +96,14 @@ class BlockSizes:
     return dataclasses.replace(self, block_d=fit(self.block_d), block_d_bwd=fit(self.backward_block_d))
 
   def validate(self, channels_per_group: int) -> None:
-    for name in ("block_d", "block_d_bwd", "chunk", "num_warps", "num_stages", "num_warps_bwd"):
+    for name in ("block_d", "block_d_bwd", "chunk", "num_warps", "num_stages", "num_warps_bwd", "segment"):
       value = getattr(self, name)
-      if (value is not None or not name.endswith("_bwd")) and (not isinstance(value, int) or value < 1):
+      optional = name.endswith("_bwd") or name == "segment"
+      if (value is not None or not optional) and (not isinstance(value, int) or value < 1):
         raise ValueError(f"block_sizes.{name}={value!r} is not valid; it must be a positive int")
+    if self.segment is not None and self.segment % self.chunk:
+      raise ValueError(f"block_sizes.segment={self.segment} is not valid; it must be a multiple of "
+                       f"block_sizes.chunk={self.chunk}")
     for name, value in (("block_d", self.block_d), ("block_d_bwd", self.backward_block_d)):
       if value & (value - 1) or channels_per_group % value:
         raise ValueError(f"block_sizes.{name}={value} is not valid; it must be a power of two dividing "
@@ -95,10 +122,19 @@ class Static:
   has_z: bool
   has_bias: bool
   has_initial_state: bool
+  segment: int | None = None
 
   @property
   def num_chunks(self) -> int:
     return -(-self.length // self.chunk)
+
+  @property
+  def segmented(self) -> bool:
+    return self.segment is not None
+
+  @property
+  def num_segments(self) -> int:
+    return -(-self.length // self.segment) if self.segmented else 1
 
 
 def _softplus(u):
