@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.flash_attention import flash_attention, mosaic_gpu
+from kernels.flash_attention import api, flash_attention, mosaic_gpu, pallas_gpu
 from kernels.flash_attention.reference import attention_reference
 from tests.helpers import assert_close
 
@@ -131,3 +131,19 @@ def test_gpu_forward_tuning_configs(config):
 @pytest.mark.parametrize("t,s", [(512, 512), (384, 700)])
 def test_gpu_gradients(causal, t, s):
   _check(2, t, s, 4, 2, 128, causal, jnp.bfloat16, grads=True)
+
+
+def test_auto_takes_mosaic_on_hopper_where_it_applies(monkeypatch):
+  """impl="auto" on an sm_90 GPU: the Mosaic kernels for what they take, the Triton-lowering ones otherwise."""
+  monkeypatch.setattr(api, "_on_gpu", lambda: True)
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  choose = lambda q=q, causal=True, window=None, lengths=None, blocks=None: api._auto_impl(
+      q, q, q, causal, window, lengths, blocks)
+  monkeypatch.setattr(api, "_hopper", lambda: True)
+  assert choose() == "mosaic"
+  assert choose(q=q.astype(jnp.float32)) == "pallas"
+  assert choose(window=(16, 0)) == "pallas"
+  assert choose(lengths=jnp.array([100])) == "pallas"
+  assert choose(blocks=pallas_gpu.BlockSizes()) == "pallas"
+  monkeypatch.setattr(api, "_hopper", lambda: False)
+  assert choose() == "pallas"

@@ -54,7 +54,8 @@ def flash_attention(
       mode off its platform), "cudnn" (`jax.nn.dot_product_attention`), "mosaic" (Hopper kernels in Pallas' Mosaic
       GPU lowering: its forward, and its backward where no key padding is needed, else the "pallas" GPU backward;
       interpret mode off GPU), "mosaic_bwd" (the "pallas" GPU forward with the Mosaic GPU backward), or "auto"
-      (Pallas on GPU and TPU, the reference elsewhere).
+      (the fastest measured that takes the problem: "mosaic" on Hopper GPUs where it applies, else "pallas" on GPU
+      and TPU, the reference elsewhere).
     block_sizes: tile sizes of the Pallas kernel (default: the platform's `BlockSizes.get_default(D)`; the TPU
       kernels read only the six tile fields, so either platform's `BlockSizes` works there).
     mosaic_config: tiles of the impl="mosaic" forward (Hopper, Mosaic GPU lowering, bf16/fp16, D in 64/128/256,
@@ -67,7 +68,7 @@ def flash_attention(
   _validate(q, k, v, window, kv_lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
+    impl = _auto_impl(q, k, v, causal, window, kv_lengths, block_sizes)
   if impl == "xla":
     return attention_reference(
         q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths, return_lse=return_lse
@@ -88,6 +89,23 @@ def flash_attention(
                              block_sizes=block_sizes, interpret=jax.default_backend() != platform,
                              platform=platform)
   return (o, lse) if return_lse else o
+
+
+def _hopper() -> bool:
+  """Whether the default device is an sm_90 GPU (H100/H200), which the Mosaic GPU kernels (wgmma) are built for."""
+  return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
+
+
+def _auto_impl(q, k, v, causal, window, kv_lengths, block_sizes) -> str:
+  """The fastest measured implementation that takes the problem (benchmarks/results/flash_attention_mosaic.md,
+  one H200): the Mosaic GPU kernels on Hopper, 1.24-1.55x the Triton-lowering ones forward and 1.16-1.32x
+  forward+backward; the Triton-lowering kernels on other GPUs and for what Mosaic does not take (windows, kv
+  lengths, fp32, explicit Triton tiles); Mosaic TPU on TPU; the reference elsewhere."""
+  if _on_gpu():
+    if _hopper() and block_sizes is None and mosaic_gpu.supports(q, k, v, causal, window, kv_lengths):
+      return "mosaic"
+    return "pallas"
+  return "pallas" if _pallas_platform() == "tpu" else "xla"
 
 
 def _validate(q, k, v, window, kv_lengths, impl):

@@ -99,7 +99,8 @@ def selective_scan(
     chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
     block_sizes: tiles of the Pallas kernels (default `BlockSizes.get_default(N)`, block_d shrunk to divide
       Dm / G; on a TPU backend a `pallas_tpu.BlockSizes`); the backward keeps B * ceil(L / block_sizes.chunk)
-      * Dm * N fp32 checkpoint states.
+      * Dm * N fp32 checkpoint states. `block_sizes.segment` splits time into independently scanned segments
+      (more GPU programs; see `pallas_gpu`).
 
   Returns:
     y [B, L, Dm] in x.dtype, or (y, final_state) if return_final_state.
@@ -154,7 +155,7 @@ def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, b
   static = pallas_gpu.Static(
       length=x.shape[1], chunk=blocks.chunk, channels_per_group=per_group, dt_softplus=dt_softplus,
       has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
-      has_initial_state=initial_state is not None,
+      has_initial_state=initial_state is not None, segment=blocks.segment,
   )
   y, state = _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, _Config(static, blocks, not _on_gpu()))
   return y, state[..., :n]
@@ -176,15 +177,15 @@ def _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, config: _Config):
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, config: _Config):
   inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
-  y, state, checkpoints = pallas_gpu.forward(*inputs, static=config.static, blocks=config.blocks,
-                                             save_states=True, interpret=config.interpret)
-  return (y, state), (inputs, checkpoints)
+  y, state, saved = pallas_gpu.forward(*inputs, static=config.static, blocks=config.blocks, save_states=True,
+                                       interpret=config.interpret)
+  return (y, state), (inputs, saved)
 
 
 def _scan_bwd(config: _Config, residuals, cotangents):
-  inputs, checkpoints = residuals
+  inputs, saved = residuals
   dy, dstate = cotangents
-  return pallas_gpu.backward(*inputs, checkpoints, dy, dstate, static=config.static, blocks=config.blocks,
+  return pallas_gpu.backward(*inputs, saved, dy, dstate, static=config.static, blocks=config.blocks,
                              interpret=config.interpret)
 
 
