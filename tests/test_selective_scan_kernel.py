@@ -29,6 +29,16 @@ CASES = {
         blocks=BlockSizes(block_d=2, block_d_bwd=4, chunk=4), dt_softplus=False),
     # N=64, a sequence shorter than one chunk (only the tail chunk runs), default tiles fitted to Dm=4.
     "short_n64": dict(inputs=dict(batch=1, length=6, dm=4, n=64), blocks=None),
+    # Segments of 8 tokens (2 chunks of 4) over 37: the last segment is 1 full chunk + a tail of 1, so the
+    # combine across 5 segments, the tail under its lax.cond and the per-segment partials all run; grouped B/C
+    # (each group spanning two blocks) and an initial state.
+    "segmented_grouped_ragged": dict(inputs=dict(length=37, dm=8, n=4, groups=2),
+                                     blocks=BlockSizes(block_d=2, block_d_bwd=4, chunk=4, segment=8)),
+    # 19 = segments of 8, 8, 3: the last segment is only the tail chunk (no full chunk); no optional input.
+    "segmented_tail_only_bare": dict(
+        inputs=dict(batch=1, length=19, dm=4, n=16, with_d=False, with_z=False, with_dt_bias=False,
+                    with_state=False, positive_dt=True),
+        blocks=BlockSizes(block_d=4, chunk=4, segment=8), dt_softplus=False),
 }
 
 
@@ -97,6 +107,7 @@ def test_backward_keeps_only_chunk_checkpoints():
         (BlockSizes(block_d=3), r"^block_sizes\.block_d=3 .* power of two"),
         (BlockSizes(block_d=8, block_d_bwd=16), r"^block_sizes\.block_d_bwd=16 .* Dm / G = 8"),
         (BlockSizes(chunk=0), r"^block_sizes\.chunk=0"),
+        (BlockSizes(chunk=8, segment=12), r"^block_sizes\.segment=12 .* multiple of block_sizes\.chunk=8"),
     ],
 )
 def test_invalid_block_sizes_name_the_field(blocks, message):
@@ -106,16 +117,22 @@ def test_invalid_block_sizes_name_the_field(blocks, message):
 
 
 GPU_CASES = [
-    # batch, length, dm, n, groups, dtype, every optional input
-    pytest.param(2, 2048 + 37, 512, 16, None, jnp.float32, True, id="f32-all-options-ragged"),
-    pytest.param(2, 2048, 512, 16, None, jnp.bfloat16, True, id="bf16-all-options"),
-    pytest.param(1, 1024 + 3, 256, 64, 4, jnp.float32, False, id="f32-grouped-n64-bare"),
+    # batch, length, dm, n, groups, dtype, every optional input, block sizes (None: the defaults)
+    pytest.param(2, 2048 + 37, 512, 16, None, jnp.float32, True, None, id="f32-all-options-ragged"),
+    pytest.param(2, 2048, 512, 16, None, jnp.bfloat16, True, None, id="bf16-all-options"),
+    pytest.param(1, 1024 + 3, 256, 64, 4, jnp.float32, False, None, id="f32-grouped-n64-bare"),
+    # Segmented: 8 segments + a last one of 37 tokens (2 chunks + a tail of 5), grouped B/C, every option.
+    pytest.param(2, 4096 + 37, 512, 16, 2, jnp.float32, True, BlockSizes(segment=512),
+                 id="f32-segmented-grouped-all-options-ragged"),
+    pytest.param(2, 4096, 512, 16, None, jnp.bfloat16, True, BlockSizes(segment=1024), id="bf16-segmented"),
+    pytest.param(1, 1024 + 3, 256, 64, 4, jnp.float32, False, BlockSizes(block_d=4, segment=256),
+                 id="f32-segmented-grouped-n64-bare"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch, length, dm, n, groups, dtype, options", GPU_CASES)
-def test_gpu_pallas_matches_naive(batch, length, dm, n, groups, dtype, options):
+@pytest.mark.parametrize("batch, length, dm, n, groups, dtype, options, blocks", GPU_CASES)
+def test_gpu_pallas_matches_naive(batch, length, dm, n, groups, dtype, options, blocks):
   args = make_inputs(7, batch=batch, length=length, dm=dm, n=n, groups=groups, with_d=options,
                      with_z=options, with_dt_bias=options, with_state=options)
   # Mamba-like step sizes (softplus(dt + bias) mostly in [1e-3, 1e-1]) so the state remembers many tokens.
@@ -125,7 +142,7 @@ def test_gpu_pallas_matches_naive(batch, length, dm, n, groups, dtype, options):
   cotangents = (cot["x"].astype(dtype), cot["initial_state"])
 
   def pallas(args):
-    return selective_scan(**args, return_final_state=True, impl="pallas")
+    return selective_scan(**args, return_final_state=True, impl="pallas", block_sizes=blocks)
 
   def naive(args):
     y, state = reference.selective_scan_naive(**args)

@@ -5,6 +5,8 @@
 Rows: B=4, Dm=1536, N=16, L in {2K, 8K, 32K}, fp32 and bf16 (x, dt, z, B, C in that dtype; A, D, dt_bias fp32,
 as Mamba keeps its parameters), with D, z, dt_bias and softplus. Implementations:
   ours        kernels.selective_scan(impl="pallas")
+  ours[seg=S] the same with BlockSizes(segment=S), time split into segments scanned in parallel (--segments;
+              an entry S:field=value:... also sets other BlockSizes fields, e.g. 512:num_warps=2:block_d=8)
   xla         kernels.selective_scan(impl="xla"), the chunked jnp reference
   assoc_scan  jax.lax.associative_scan over the full [B, L, Dm, N] state history (the textbook JAX baseline)
   mamba_ssm   mamba_ssm's CUDA kernels (csrc/selective_scan), built with torch.utils.cpp_extension.load when
@@ -37,6 +39,8 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192", "32768"], "Sequence l
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Dtypes of x, dt, z, B, C.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "xla", "assoc_scan", "mamba_ssm"], "Implementations to time.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_SEGMENTS = flags.DEFINE_list("segments", [], "Also time ours with BlockSizes(segment=S) for each S, as rows "
+                               "ours[seg=S], e.g. 256,512,1024; S:field=value:... sets other BlockSizes fields.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Also time a few BlockSizes of ours at L=--sweep_len.")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 8192, "Sequence length of the BlockSizes sweep.")
 _MAMBA_SRC = flags.DEFINE_string("mamba_ssm_src", None, "Extracted mamba_ssm sdist (the folder holding csrc/).")
@@ -91,14 +95,22 @@ def _ours(blocks=None):
       x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="pallas", block_sizes=blocks)
 
 
-def _jax_impls(names):
+def _segmented_blocks(spec: str) -> BlockSizes:
+  """'512' or '512:num_warps=2:block_d=8' -> BlockSizes(segment=512, num_warps=2, block_d=8)."""
+  segment, *fields = spec.split(":")
+  return BlockSizes(segment=int(segment), **{k: int(v) for k, v in (field.split("=") for field in fields)})
+
+
+def _jax_impls(names, segments):
   impls = {
       "ours": _ours(),
       "xla": lambda x, dt, A, B, C, D, z, dt_bias: selective_scan(
           x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="xla"),
       "assoc_scan": lambda x, dt, A, B, C, D, z, dt_bias: _assoc_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias),
   }
-  return {name: fn for name, fn in impls.items() if name in names}
+  impls = {name: fn for name, fn in impls.items() if name in names}
+  impls.update({f"ours[seg={spec}]": _ours(_segmented_blocks(spec)) for spec in segments})
+  return impls
 
 
 _ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
@@ -199,7 +211,7 @@ def _error(e):
 def main(argv):
   del argv
   env = environment()
-  impls = _jax_impls(_IMPLS.value)
+  impls = _jax_impls(_IMPLS.value, _SEGMENTS.value)
   mamba = None
   if "mamba_ssm" in _IMPLS.value and _MAMBA_SRC.value:
     try:
@@ -248,14 +260,17 @@ def main(argv):
 
 def _table(rows, names, sweep_rows):
   cell = lambda r: f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}" if "fwd_ms" in r else "n/a"
+  # Every variant of ours (the segmented ones too) against mamba_ssm, the plain one against assoc_scan.
+  pairs = [("ours", "assoc_scan")] + [(name, "mamba_ssm") for name in names if name.startswith("ours")]
   lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus)", "",
-           "| dtype, L | " + " | ".join(names) + " | floor (fwd) | ours / assoc_scan | ours / mamba_ssm |",
-           "|---" * (len(names) + 4) + "|"]
+           "| dtype, L | " + " | ".join(names) + " | floor (fwd) | "
+           + " | ".join(f"{mine} / {peer}" for mine, peer in pairs) + " |",
+           "|---" * (len(names) + 2 + len(pairs)) + "|"]
   for dtype, length in sorted({(r["dtype"], r["L"]) for r in rows}):
     by_name = {r["impl"]: r for r in rows if (r["dtype"], r["L"]) == (dtype, length)}
     ratios = []
-    for peer in ("assoc_scan", "mamba_ssm"):
-      ours, other = by_name.get("ours", {}), by_name.get(peer, {})
+    for mine, peer in pairs:
+      ours, other = by_name.get(mine, {}), by_name.get(peer, {})
       ratios.append(f"{ours['fwd_ms'] / other['fwd_ms']:.2f} / {ours['fwd_bwd_ms'] / other['fwd_bwd_ms']:.2f}"
                     if "fwd_ms" in ours and "fwd_ms" in other else "n/a")
     floor = next(iter(by_name.values()))["floor_ms"]

@@ -37,10 +37,11 @@ program per (batch row, channel block, segment), using that the state is affine 
               pre-gate y in fp32 for pass 3 to read back; this way pass 1 reads only x, dt and B.
   backward A. each segment runs the reverse recurrence from dh = 0; it needs only dy, z, C and delta (dp_t does not
               depend on the state), giving the segment's own contribution g_s to the cotangent of its entry state
-           B. (jnp) cotangent at segment s's exit: dh_S-1 = d(final state), dh_s = exp(A Σ_s+1) dh_s+1 + g_s+1;
-              d(initial state) = exp(A Σ_0) dh_0 + g_0
-           C. each segment runs the single-walk backward body over its chunks from its exit cotangent, writing dx,
-              ddt, dz, the dB/dC partials and per-program dA, dD, d(dt_bias) partials that a jnp sum finishes.
+           B. (jnp, S steps) cotangents k_s at each segment's exit: k_{S-1} = d(final state),
+              k_s = exp(A Σ_{s+1}) k_{s+1} + g_{s+1}; d(initial state) = exp(A Σ_0) k_0 + g_0
+           C. each segment runs the single-walk backward body over its chunks from k_s (recomputing states from the
+              checkpoints pass 3 wrote), writing dx, ddt, dz, the dB/dC partials and per-program dA, dD, d(dt_bias)
+              partials that a jnp sum finishes.
 A segment is a whole number of chunks; a length that is not a multiple of the chunk puts the tail chunk in the
 last segment, which a `lax.cond` on the segment index runs.
 """
@@ -276,7 +277,7 @@ def _segment_dh_kernel(*refs, static: Static):
   def run_chunk(index, size, dh):
     start = index * static.chunk
     tokens = []
-    for t in range(start, start + size):
+    for t in (start + i for i in range(size)):
       dp = r.dy[t, :].astype(f32)
       if static.has_z:
         z = r.z[t, :].astype(f32)
