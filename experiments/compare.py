@@ -9,7 +9,8 @@ Each (sweep value, variant, seed) is an ordinary training run in its own workdir
 and finished runs are only evaluated again. `--eval_lengths` re-evaluates each trained model on test sets
 generated at other lengths (tasks with `test_seq_len`: MQAR, induction heads, selective copying), which is
 how length extrapolation is measured without retraining. `--set=train.num_steps=200` (repeatable) changes the
-task's configuration for every run, e.g. for a quick smoke run.
+task's configuration for every run, e.g. for a quick smoke run. `--parallel_gpus=4` runs four at a time, one per
+GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/), and merges their tables.
 
 Writes compare_<task>[_<field>].json and .md under --out_dir: test accuracy per variant, mean and standard
 deviation over seeds, and for ListOps the Long Range Arena paper's numbers (Tay et al., 2021, Table 1).
@@ -19,7 +20,10 @@ import copy
 import dataclasses
 import importlib
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,10 @@ def define_flags() -> None:
   flags.DEFINE_list("eval_lengths", [], "Extra test lengths (sets task.test_seq_len) per trained model.")
   flags.DEFINE_string("workdir", "workdir/compare", "Root of the runs' workdirs.")
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.")
+  flags.DEFINE_integer("parallel_gpus", 1, "Runs at a time, each in its own process on one local GPU "
+                       "(CUDA_VISIBLE_DEVICES); the table merges them. 1: one after another in this process.")
+  flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
+                      "for its worker processes).")
 
 
 # Long Range Arena (Tay et al., 2021), Table 1, ListOps test accuracy (%), by our variant names; "S4" is the
@@ -197,28 +205,86 @@ def main(argv):
   if eval_lengths and "test_seq_len" not in base.task:
     raise app.UsageError(f"--eval_lengths needs a task with test_seq_len; {FLAGS.task!r} has none")
 
+  name_suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
+  table_name = f"compare_{FLAGS.task}{name_suffix}"
+  if FLAGS.parallel_gpus > 1:
+    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths)
+    return
+  index, count = parse_run_slice(FLAGS.run_slice)
+  planned = [(value, name, seed) for value in sweep_values for name in names for seed in map(int, FLAGS.seeds)]
   env = environment() | {
       "task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep, "devices": jax.device_count(),
   }
-  name_suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
   runs = []
+  for value, name, seed in planned[index::count]:
+    config = copy.deepcopy(base)
+    folder = Path(FLAGS.workdir) / FLAGS.task
+    if sweep_field:
+      assign(config, sweep_field.split("."), value)
+      folder /= f"{sweep_field}={value}"
+    run = run_one(config, folder / f"{name}-s{seed}", name, seed, value, eval_lengths)
+    runs.append(run)
+    where = f" {sweep_field}={value}" if sweep_field else ""
+    print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
+    # Rewritten after every run: a comparison stopped part-way still leaves the table of what finished.
+    rows = json.loads(json.dumps([dataclasses.asdict(r) for r in runs]))
+    write_results(FLAGS.out_dir, table_name, env, rows, markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+
+
+def parse_run_slice(spec: str) -> tuple[int, int]:
+  """"i/N" -> (i, N); "" -> (0, 1), every run."""
+  if not spec:
+    return 0, 1
+  index, _, count = spec.partition("/")
+  try:
+    index, count = int(index), int(count)
+  except ValueError:
+    index, count = -1, 0
+  if not 0 <= index < count:
+    raise app.UsageError(f"--run_slice={spec!r} is not valid; expected i/N with 0 <= i < N")
+  return index, count
+
+
+def runs_from_rows(rows: list[dict]) -> list[Run]:
+  """Runs back from their JSON rows (JSON turned the length keys into strings)."""
+  return [Run(**{**row, "length_accuracy": {int(k): v for k, v in row["length_accuracy"].items()}}) for row in rows]
+
+
+def merge_slices(slices: dict[int, list[Run]], count: int) -> list[Run]:
+  """The runs of `count` workers back in planned order: worker i ran runs i, i + N, i + 2N, ... (N = count)."""
+  by_index = {i + count * j: run for i, runs in slices.items() for j, run in enumerate(runs)}
+  return [by_index[k] for k in sorted(by_index)]
+
+
+def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths) -> None:
+  """One worker process per GPU, each running every N-th run with this command line, then one merged table.
+
+  The task data is generated here first (it is cached on disk), so the workers only read it. This process
+  never starts jax on the GPUs: each worker's XLA takes most of its own GPU's memory.
+  """
   for value in sweep_values:
     config = copy.deepcopy(base)
     if sweep_field:
       assign(config, sweep_field.split("."), value)
-    for name in names:
-      for seed in map(int, FLAGS.seeds):
-        folder = Path(FLAGS.workdir) / FLAGS.task
-        if sweep_field:
-          folder /= f"{sweep_field}={value}"
-        run = run_one(config, folder / f"{name}-s{seed}", name, seed, value, eval_lengths)
-        runs.append(run)
-        where = f" {sweep_field}={value}" if sweep_field else ""
-        print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
-        # Rewritten after every run: a comparison stopped part-way still leaves the table of what finished.
-        rows = json.loads(json.dumps([dataclasses.asdict(r) for r in runs]))
-        write_results(FLAGS.out_dir, f"compare_{FLAGS.task}{name_suffix}", env, rows,
-                      markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+    build_task(config.task, config.cache_dir or None)
+  count = FLAGS.parallel_gpus
+  out = Path(FLAGS.out_dir)
+  workers = []
+  for index in range(count):
+    argv = [sys.executable, "-m", "experiments.compare", *sys.argv[1:], "--parallel_gpus=1",
+            f"--run_slice={index}/{count}", f"--out_dir={out / f'worker_{index}'}"]
+    workers.append(subprocess.Popen(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}))
+  failed = [index for index, worker in enumerate(workers) if worker.wait() != 0]
+  results = {i: out / f"worker_{i}" / f"{table_name}.json" for i in range(count)}
+  parts = {i: json.loads(path.read_text()) for i, path in results.items() if path.exists()}
+  if not parts:
+    raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
+  runs = merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
+  env = {**next(iter(parts.values()))["environment"], "devices": count, "parallel_gpus": count}
+  write_results(FLAGS.out_dir, table_name, env, json.loads(json.dumps([dataclasses.asdict(r) for r in runs])),
+                markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+  if failed:
+    raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")
 
 
 if __name__ == "__main__":

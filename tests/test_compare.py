@@ -1,5 +1,8 @@
 """experiments.compare: config overrides, the accuracy table, and a trained run re-evaluated at other lengths."""
 
+import dataclasses
+import json
+
 import pytest
 
 from experiments import compare
@@ -46,3 +49,17 @@ def test_trained_model_is_evaluated_at_other_lengths(tmp_path):
   assert all(0.0 <= accuracy <= 1.0 for accuracy in run.length_accuracy.values())
   # The same length as the run's own test split gives the run's own test accuracy.
   assert run.length_accuracy[16] == pytest.approx(run.test_accuracy)
+
+
+def test_parallel_workers_slices_and_merge():
+  """--parallel_gpus: worker i of N runs every N-th planned run from the i-th; the merge restores the order."""
+  assert compare.parse_run_slice("") == (0, 1)
+  assert compare.parse_run_slice("1/3") == (1, 3)
+  for bad in ("3/3", "x/2", "1"):
+    with pytest.raises(Exception, match="--run_slice"):
+      compare.parse_run_slice(bad)
+  planned = [compare.Run(f"v{k}", 0, None, "ok", 1, k / 10, {64: k / 10}) for k in range(5)]
+  slices = {i: planned[i::2] for i in range(2)}
+  assert compare.merge_slices(slices, 2) == planned
+  rows = [dataclasses.asdict(run) for run in planned]
+  assert compare.runs_from_rows(json.loads(json.dumps(rows))) == planned
