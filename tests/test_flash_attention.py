@@ -12,25 +12,13 @@ import pytest
 
 from kernels.flash_attention import BlockSizes, flash_attention
 from kernels.flash_attention.reference import attention_reference
+from tests.flash_helpers import check_against_reference, finite
+from tests.flash_helpers import inputs as _inputs
 from tests.helpers import assert_close
 
 # 16-row tiles so short test sequences still span several tiles (full, boundary and empty ones).
 SMALL_TILES = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
 TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (forward, gradients)
-
-
-def _inputs(b, t, s, h, hkv, d, dtype, seed=0, scale=1.0):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q = (jax.random.normal(ks[0], (b, t, h, d)) * scale).astype(dtype)
-  k = jax.random.normal(ks[1], (b, s, hkv, d)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, s, hkv, d)).astype(dtype)
-  do = jax.random.normal(ks[3], (b, t, h, d)).astype(dtype)
-  dlse = jax.random.normal(ks[4], (b, h, t))
-  return q, k, v, do, dlse
-
-
-def _finite(x):
-  return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
 CASES = [
@@ -57,17 +45,7 @@ def test_pallas_matches_reference_forward_lse_and_gradients(b, t, s, h, hkv, d, 
     )
     (o, lse), vjp = jax.vjp(f, q, k, v)
     results[impl] = (o, lse, *vjp((do, dlse)))
-  fwd_tol, grad_tol = TOLERANCE.get(dtype, (1e-2, 2e-2))
-  (o, lse, dq, dk, dv), (o_ref, lse_ref, dq_ref, dk_ref, dv_ref) = results["pallas"], results["xla"]
-  chex.assert_shape(o, (b, t, h, d))
-  chex.assert_type(o, dtype)
-  chex.assert_shape(lse, (b, h, t))
-  assert_close(o, o_ref, fwd_tol, "o")
-  np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_ref))
-  assert_close(_finite(lse), _finite(lse_ref), 1e-5, "lse")
-  for name, g, g_ref in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
-    chex.assert_tree_all_finite(g)
-    assert_close(g, g_ref, grad_tol, name)
+  check_against_reference(results["pallas"], results["xla"], dtype, *TOLERANCE.get(dtype, (1e-2, 2e-2)))
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (False, (3, 6)), (True, (9, None))])
@@ -168,4 +146,4 @@ def test_gpu_pallas_matches_reference(b, t, s, h, hkv, d, causal, window, dtype)
   fwd_tol, grad_tol = TOLERANCE[dtype]
   names = ("o", "lse", "dq", "dk", "dv")
   for name, a, e in zip(names, results["pallas"], results["xla"]):
-    assert_close(_finite(a), _finite(e), fwd_tol if name in ("o", "lse") else grad_tol, name)
+    assert_close(finite(a), finite(e), fwd_tol if name in ("o", "lse") else grad_tol, name)

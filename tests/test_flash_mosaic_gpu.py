@@ -12,19 +12,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.flash_attention import api, flash_attention, mosaic_gpu, pallas_gpu
 from kernels.flash_attention.reference import attention_reference
+from tests.flash_helpers import inputs as _inputs
 from tests.helpers import assert_close
 
 FWD_TOL, GRAD_TOL = 1e-2, 2e-2  # bf16/fp16, as DESIGN.md section 5
-
-
-def _inputs(b, t, s, h, hkv, d, dtype, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(ks[0], (b, t, h, d)).astype(dtype)
-  k = jax.random.normal(ks[1], (b, s, hkv, d)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, s, hkv, d)).astype(dtype)
-  do = jax.random.normal(ks[3], (b, t, h, d)).astype(dtype)
-  dlse = jax.random.normal(ks[4], (b, h, t))
-  return q, k, v, do, dlse
 
 
 def _check(b, t, s, h, hkv, d, causal, dtype, config=None, grads=False):

@@ -12,19 +12,10 @@ import pytest
 from kernels.flash_attention import flash_attention
 from kernels.flash_attention import mosaic_gpu_bwd
 from kernels.flash_attention.api import _mosaic_bwd_attention
+from tests.flash_helpers import inputs as _inputs
 from tests.helpers import assert_close
 
 GRAD_TOL = 2e-2  # bf16/fp16 gradients, relative RMS error (DESIGN.md section 5)
-
-
-def _inputs(b, t, s, h, hkv, d, dtype, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(ks[0], (b, t, h, d)).astype(dtype)
-  k = jax.random.normal(ks[1], (b, s, hkv, d)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, s, hkv, d)).astype(dtype)
-  do = jax.random.normal(ks[3], (b, t, h, d)).astype(dtype)
-  dlse = jax.random.normal(ks[4], (b, h, t))
-  return q, k, v, do, dlse
 
 
 def _check_gradients(b, t, s, h, hkv, d, causal, dtype, attention=None):

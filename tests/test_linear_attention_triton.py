@@ -15,7 +15,8 @@ from efficient_attention import build_mixer, make_config
 from kernels import linear_attention
 from kernels.linear_attention.pallas_gpu import BlockSizes
 from tests.helpers import assert_close
-from tests.test_linear_attention_kernel import _assert_matches, _decay_shape, _inputs, _outputs_and_grads, _recurrent
+from tests.test_linear_attention_kernel import (_assert_matches, _decay_shape, _inputs, _outputs_and_grads,
+                                              _recurrent)
 
 # T = 300 is not a multiple of any chunk; V = 24 (not a power of two) leaves masked channels. Small K and V
 # keep the Triton compiles short (fp32 dots with exact products compile to long FMA sequences).

@@ -25,6 +25,8 @@ from kernels.selective_scan import api as ss_api
 from kernels.selective_scan import pallas_tpu as ss_tpu
 from kernels.selective_scan import reference as ss_reference
 from tests.helpers import assert_close
+from tests.test_linear_attention_kernel import _outputs_and_grads
+from tests.test_selective_scan_kernel import _values_and_grads
 from tests.test_selective_scan_ref import make_inputs
 
 # T = 37 is not a multiple of the 16-token chunk; K = 136 pads to two 128-lane slices (the per-channel decay
@@ -51,19 +53,6 @@ def _la_inputs(kind, seed=0):
   return q, k, v, decay, normal(B, H, K, V)
 
 
-def _la_outputs_and_grads(fn, q, k, v, decay, state):
-  """(o, final state) and the gradients of a random projection of both wrt q, k, v, decay, state."""
-  o_cot = jax.random.normal(jax.random.key(1), (B, T, H, V))
-  s_cot = jax.random.normal(jax.random.key(2), state.shape)
-
-  def loss(q, k, v, decay, state):
-    o, final = fn(q, k, v, decay, state)
-    return jnp.sum(o.astype(jnp.float32) * o_cot) + jnp.sum(final * s_cot), (o, final)
-
-  grads, outputs = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, decay, state)
-  return outputs, grads
-
-
 def _la_pallas(q, k, v, decay, state):
   return linear_attention(q, k, v, decay=decay, initial_state=state, return_final_state=True, impl="pallas",
                           block_sizes=LA_BLOCKS)
@@ -76,8 +65,8 @@ def _la_recurrent(q, k, v, decay, state):
 @pytest.mark.parametrize("kind", ["none", "head", "channel"])
 def test_linear_attention_matches_recurrence(kind):
   args = _la_inputs(kind)
-  (o, final), grads = jax.jit(functools.partial(_la_outputs_and_grads, _la_pallas))(*args)
-  (o_ref, final_ref), grads_ref = jax.jit(functools.partial(_la_outputs_and_grads, _la_recurrent))(*args)
+  (o, final), grads = jax.jit(functools.partial(_outputs_and_grads, _la_pallas))(*args)
+  (o_ref, final_ref), grads_ref = jax.jit(functools.partial(_outputs_and_grads, _la_recurrent))(*args)
   chex.assert_shape(o, (B, T, H, V))
   assert_close(o, o_ref, 1e-5, "o")
   assert_close(final, final_ref, 1e-5, "final state")
@@ -111,11 +100,6 @@ SS_CASES = {
 }
 
 
-def _ss_values_and_grads(fn, args, cotangents):
-  outputs, vjp = jax.vjp(fn, args)
-  return outputs, vjp(cotangents)[0]
-
-
 @pytest.mark.parametrize("case", SS_CASES)
 def test_selective_scan_matches_naive(case):
   spec = SS_CASES[case]
@@ -131,7 +115,7 @@ def test_selective_scan_matches_naive(case):
   def naive(args):
     return ss_reference.selective_scan_naive(**args, dt_softplus=dt_softplus)
 
-  run = jax.jit(_ss_values_and_grads, static_argnums=0)
+  run = jax.jit(_values_and_grads, static_argnums=0)
   (y, state), grads = run(pallas, args, (cot["x"], cot["initial_state"]))
   (y_ref, state_ref), grads_ref = run(naive, args, (cot["x"], cot["initial_state"]))
   chex.assert_shape(y, (batch, length, dm))
@@ -226,7 +210,7 @@ def test_gpu_selective_scan_default_blocks_long():
   args = make_inputs(7, batch=1, length=1000 + 3, dm=512, n=16, groups=2)
   args["dt"] = args["dt"] * 0.5 - 3.0  # Mamba-like step sizes: the state remembers many tokens
   cot = make_inputs(8, batch=1, length=1003, dm=512, n=16)
-  run = jax.jit(_ss_values_and_grads, static_argnums=0)
+  run = jax.jit(_values_and_grads, static_argnums=0)
   (y, state), grads = run(lambda a: selective_scan(**a, return_final_state=True, impl="pallas"), args,
                           (cot["x"], cot["initial_state"]))
   (y_ref, state_ref), grads_ref = run(lambda a: ss_reference.selective_scan_naive(**a), args,
