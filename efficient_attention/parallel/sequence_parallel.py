@@ -136,8 +136,8 @@ def sequence_linear_attention(q, k, v, *, decay=None, impl="auto", chunk_size=64
   """`kernels.linear_attention` from a zero state (same shapes), split over the active sequence layout if any."""
   layout = active_layout()
   if layout is None:
-    scan = functools.partial(kernel_linear_attention, impl=impl, chunk_size=chunk_size)
-    return shard_over_batch(lambda q, k, v, decay: scan(q, k, v, decay=decay), q, k, v, decay)
+    scan = lambda q, k, v, decay: kernel_linear_attention(q, k, v, decay=decay, impl=impl, chunk_size=chunk_size)
+    return shard_over_batch(scan, q, k, v, decay)
   return linear_attention(q, k, v, layout, decay=decay, impl=impl, chunk_size=chunk_size)
 
 

@@ -113,19 +113,21 @@ def sequence_parallel(mesh: Mesh, axis: str = SEQUENCE_AXIS, batch_axis: str | N
   """
   if batch_axis is not None and batch_axis not in mesh.shape:
     batch_axis = None
-  previous = getattr(_ACTIVE, "layout", None), getattr(_ACTIVE, "batch_only", None)
-  _ACTIVE.layout = SequenceLayout(mesh, axis, batch_axis) if mesh.shape.get(axis, 1) > 1 else None
-  data_split = batch_axis is not None and mesh.shape[batch_axis] > 1
-  _ACTIVE.batch_only = (mesh, batch_axis) if _ACTIVE.layout is None and data_split else None
+  previous = getattr(_ACTIVE, "block", None)
+  _ACTIVE.block = (mesh, axis, batch_axis)
   try:
     yield
   finally:
-    _ACTIVE.layout, _ACTIVE.batch_only = previous
+    _ACTIVE.block = previous
 
 
 def active_layout() -> SequenceLayout | None:
-  """The layout set by the innermost `sequence_parallel` block, or None (single-device path)."""
-  return getattr(_ACTIVE, "layout", None)
+  """The layout of the innermost `sequence_parallel` block whose mesh splits time, else None (the mixers'
+  single-device path)."""
+  block = getattr(_ACTIVE, "block", None)
+  if block is None or block[0].shape.get(block[1], 1) == 1:
+    return None
+  return SequenceLayout(*block)
 
 
 def shard_over_batch(fn: Callable[..., jax.Array], *args: jax.Array | None, replicated: tuple[int, ...] = ()
@@ -137,10 +139,10 @@ def shard_over_batch(fn: Callable[..., jax.Array], *args: jax.Array | None, repl
   Arguments with a leading batch axis are split; positions in `replicated` (e.g. per-channel parameters) and
   None pass whole. fn returns one array with a leading batch axis. Without such a mesh this is fn(*args).
   """
-  active = getattr(_ACTIVE, "batch_only", None)
-  if active is None:
+  block = getattr(_ACTIVE, "block", None)
+  if block is None or active_layout() is not None or block[2] is None or block[0].shape[block[2]] == 1:
     return fn(*args)
-  mesh, axis = active
+  mesh, _, axis = block
   specs = tuple(None if a is None else PartitionSpec() if i in replicated else PartitionSpec(axis)
                 for i, a in enumerate(args))
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axis), check_vma=False)(*args)
