@@ -29,7 +29,8 @@ from absl import app, flags
 from flax import nnx
 
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
-from experiments.bench.timing import environment, median_ms, write_results
+from experiments.bench.timing import (device_memory_limit, environment, is_out_of_memory, median_ms, program_bytes,
+                                      write_results)
 from experiments.cli import literal
 
 FLAGS = flags.FLAGS
@@ -127,24 +128,6 @@ def make_step(config: DecoderConfig):
   return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, rest
 
 
-def _program_bytes(compiled) -> int | None:
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-          - analysis.alias_size_in_bytes)
-
-
-def _device_limit_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("bytes_limit")
-
-
-def _is_oom(error: Exception) -> bool:
-  text = str(error)
-  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
 def measure(
     variant: str, seq_len: int, options: dict[str, object], size: ModelSize, iters: int, max_step_s: float
 ) -> Row:
@@ -153,8 +136,8 @@ def measure(
   # +1: inputs are tokens[:, :-1] and targets tokens[:, 1:], so the model sees exactly seq_len positions.
   tokens = [jax.random.randint(jax.random.key(i), (size.batch_size, seq_len + 1), 0, size.vocab_size) for i in range(3)]
   compiled = step.lower(params, opt_state, rest, tokens[0]).compile()
-  memory = _program_bytes(compiled)
-  limit = _device_limit_bytes()
+  memory = program_bytes(compiled)
+  limit = device_memory_limit()
   if memory is not None and limit is not None and memory > limit:
     return Row(variant, seq_len, "oom", memory_gib=memory / 2**30)
   state = {"params": params, "opt": opt_state}
@@ -182,9 +165,9 @@ def scan_variant(
     try:
       row = measure_length(seq_len)
     except Exception as error:  # noqa: BLE001 - one variant's failure must not end the sweep
-      if not _is_oom(error):
+      if not is_out_of_memory(error):
         traceback.print_exc()
-      row = Row(variant, seq_len, "oom" if _is_oom(error) else f"error: {type(error).__name__}")
+      row = Row(variant, seq_len, "oom" if is_out_of_memory(error) else f"error: {type(error).__name__}")
     rows.append(row)
     print(f"{variant:>15} T={seq_len:>7}: {row.status:>6} "
           + (f"{row.step_ms:9.2f} ms {row.tokens_per_s:11.0f} tok/s" if row.step_ms else ""), flush=True)

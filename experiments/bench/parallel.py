@@ -25,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 from efficient_attention import DecoderConfig, parallel
-from experiments.bench.timing import environment, write_results
+from experiments.bench.timing import device_memory_limit, environment, is_out_of_memory, program_bytes, write_results
 from experiments.configs.common import base_config
 from experiments.data import shard_batch
 from experiments.trainer import create, train_step
@@ -115,11 +115,6 @@ def throughput(devices: list[int]) -> list[dict]:
   return rows
 
 
-def _out_of_memory(error: Exception) -> bool:
-  text = str(error)
-  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
-
-
 def _trains(n: int, seq_len: int) -> bool:
   """Whether one training step at batch 1, length seq_len, sequence split over n devices, fits and runs.
 
@@ -139,11 +134,9 @@ def _trains(n: int, seq_len: int) -> bool:
 
     with parallel.sequence_parallel(mesh):
       compiled = jax.jit(step).lower(state, batch, jax.random.key(0)).compile()
-    memory = compiled.memory_analysis()
-    needed = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-              - memory.alias_size_in_bytes)
+    needed = program_bytes(compiled)
     # CPU devices report no memory limit: every step is then run.
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", float("inf"))
+    limit = device_memory_limit() or float("inf")
     if needed > _HEADROOM * limit:
       print(f"  {n} device(s), T={seq_len}: needs {needed / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB", flush=True)
       return False
@@ -153,7 +146,7 @@ def _trains(n: int, seq_len: int) -> bool:
           f"({needed / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB)", flush=True)
     return ok
   except Exception as error:  # noqa: BLE001 - out of memory (in compilation, say) is the answer being searched
-    if not _out_of_memory(error):
+    if not is_out_of_memory(error):
       raise
     print(f"  {n} device(s), T={seq_len}: out of memory", flush=True)
     return False

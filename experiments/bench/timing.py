@@ -27,6 +27,26 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, ite
   return statistics.median(times)
 
 
+def program_bytes(compiled) -> int | None:
+  """Device memory one run of a compiled program needs, by XLA's own account: arguments + outputs + its
+  temporary buffer - donated aliases (per device for a sharded program); None where the backend gives none."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+          - analysis.alias_size_in_bytes)
+
+
+def device_memory_limit() -> int | None:
+  """Bytes the allocator may hand out on the first device; None where it reports none (CPU)."""
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def environment() -> dict:
   """Device, versions, date and commit for the results header."""
   try:
