@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import backend
 from kernels.flash_attention import api, flash_attention, mosaic_gpu, pallas_gpu
 from kernels.flash_attention.reference import attention_reference
 from tests.flash_helpers import inputs as _inputs
@@ -126,7 +127,7 @@ def test_gpu_gradients(causal, t, s):
 
 def test_auto_takes_mosaic_on_hopper_where_it_applies(monkeypatch):
   """impl="auto" on an sm_90 GPU: the Mosaic kernels for what they take, the Triton-lowering ones otherwise."""
-  monkeypatch.setattr(api, "_on_gpu", lambda: True)
+  monkeypatch.setattr(backend, "on_gpu", lambda: True)
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   choose = lambda q=q, causal=True, window=None, lengths=None, blocks=None: api._auto_impl(
       q, q, q, causal, window, lengths, blocks)

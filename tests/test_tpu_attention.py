@@ -1,6 +1,6 @@
 """TPU Pallas kernels (Mosaic TPU lowering) of flash and block-sparse attention, run in interpret mode on CPU.
 
-The public ops pick the TPU kernels when `api._pallas_platform()` says "tpu"; here it is patched so, and the ops
+The public ops pick the TPU kernels when `kernels.backend.pallas_platform()` says "tpu"; here it is patched so, and the ops
 run end to end (forward, lse, jax.vjp through the custom_vjp) against the references. Interpret mode fills
 outputs with NaN first, so an unwritten tile fails the (NaN-rejecting) error checks. A lowering test builds the
 kernels for a TPU target with jax.export, which runs the Pallas-to-Mosaic lowering (block-shape rules, every
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from jax import lax
 
+from kernels import backend
 from kernels.block_sparse import api as block_sparse_api
 from kernels.block_sparse import block_sparse_attention
 from kernels.block_sparse import mask as bsm
 from kernels.block_sparse import pallas_tpu as block_sparse_tpu
 from kernels.block_sparse.pallas_gpu import _Static as _BlockSparseStatic
-from kernels.flash_attention import api as flash_api
 from kernels.flash_attention import flash_attention, pallas_tpu
 from kernels.flash_attention.pallas_gpu import _Static
 from tests.flash_helpers import check_against_reference
@@ -33,7 +33,7 @@ TOLERANCE = {"float32": (1e-5, 1e-5), "bfloat16": (1e-2, 2e-2)}  # (forward, gra
 
 @pytest.fixture
 def on_tpu(monkeypatch):
-  monkeypatch.setattr(flash_api, "_pallas_platform", lambda: "tpu")
+  monkeypatch.setattr(backend, "pallas_platform", lambda: "tpu")
 
 
 FLASH_CASES = [
@@ -104,11 +104,6 @@ def test_flash_kernels_lower_for_tpu(dtype):
 # Block-sparse attention
 
 
-@pytest.fixture
-def block_sparse_on_tpu(monkeypatch):
-  monkeypatch.setattr(block_sparse_api, "_pallas_platform", lambda: "tpu")
-
-
 BLOCK_SPARSE_CASES = [
     # A band wide enough for full tiles, global rows/columns, GQA 2, and a length that cuts through full tiles.
     pytest.param(lambda: (bsm.local(96, 40, block_q=16, block_k=16)
@@ -125,7 +120,7 @@ BLOCK_SPARSE_CASES = [
 
 
 @pytest.mark.parametrize("make_mask,dims,kv_lengths,block_sizes", BLOCK_SPARSE_CASES)
-def test_block_sparse_tpu_matches_reference(block_sparse_on_tpu, make_mask, dims, kv_lengths, block_sizes):
+def test_block_sparse_tpu_matches_reference(on_tpu, make_mask, dims, kv_lengths, block_sizes):
   mask = make_mask()
   b, t, s, h, hkv, d = dims
   q, k, v, do, _ = _inputs(b, t, s, h, hkv, d, jnp.float32)

@@ -1,6 +1,6 @@
 """The TPU Pallas kernels of linear attention and the selective scan, run in interpret mode on CPU.
 
-`api._pallas_platform` is patched to say "tpu", so the public ops take the TPU path end to end (padding, the
+`kernels.backend.pallas_platform` is patched to say "tpu", so the public ops take the TPU path end to end (padding, the
 custom VJP, the forward and backward kernels) and are checked against the token-by-token fp32 oracles: outputs,
 final state and every gradient. Interpret mode fills outputs and scratch buffers with NaN before the kernels
 run, so an unwritten tile or an uninitialised state fails the (NaN-rejecting) error checks. Lowering for a real
@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 from jax import export
 
-from kernels import linear_attention, selective_scan
-from kernels.linear_attention import api as la_api
+from kernels import backend, linear_attention, selective_scan
 from kernels.linear_attention import pallas_tpu as la_tpu
 from kernels.linear_attention.reference import linear_attention_recurrent
-from kernels.selective_scan import api as ss_api
 from kernels.selective_scan import pallas_tpu as ss_tpu
 from kernels.selective_scan import reference as ss_reference
 from tests.helpers import assert_close
@@ -37,8 +35,7 @@ LA_BLOCKS = la_tpu.BlockSizes(chunk=16)
 
 @pytest.fixture(autouse=True)
 def on_tpu(monkeypatch):
-  for api in (la_api, ss_api):
-    monkeypatch.setattr(api, "_pallas_platform", lambda: "tpu")
+  monkeypatch.setattr(backend, "pallas_platform", lambda: "tpu")
 
 
 def _la_inputs(kind, seed=0):

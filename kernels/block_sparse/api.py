@@ -7,20 +7,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import backend
 from kernels.block_sparse import pallas_gpu, pallas_tpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
 from kernels.flash_attention.api import check_kv_lengths, check_qkv
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
-
-
-def _pallas_platform() -> str:
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 # Pallas kernels per platform; both take the same padded inputs, mask arrays and residuals.
@@ -59,10 +52,10 @@ def block_sparse_attention(
   _validate(q, k, v, mask, kv_lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
+    impl = "pallas" if backend.has_pallas_kernels() else "xla"
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
-  platform = _pallas_platform()
+  platform = backend.pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
                            interpret=jax.default_backend() != platform, platform=platform)
 

@@ -6,14 +6,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import backend
 from kernels.decode_attention import pallas_gpu
 from kernels.decode_attention.reference import decode_attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
 
 
 def decode_attention(
@@ -43,10 +40,10 @@ def decode_attention(
   _validate(q, k, v, lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if _on_gpu() else "xla"
+    impl = "pallas" if backend.on_gpu() else "xla"
   if impl == "xla":
     return decode_attention_reference(q, k, v, lengths, sm_scale=scale)
-  return _pallas(q, k, v, lengths.astype(jnp.int32), scale, block_sizes, not _on_gpu())
+  return _pallas(q, k, v, lengths.astype(jnp.int32), scale, block_sizes, not backend.on_gpu())
 
 
 def _validate(q, k, v, lengths, impl):

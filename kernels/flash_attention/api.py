@@ -8,18 +8,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import backend
 from kernels.flash_attention import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, pallas_tpu
 from kernels.flash_attention.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "mosaic", "mosaic_bwd")
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
-
-
-def _pallas_platform() -> str:
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 # Pallas kernels per platform; both take the same padded inputs and return the same residuals (natural-log lse).
@@ -84,7 +77,7 @@ def flash_attention(
     o, lse = _mosaic_bwd_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
                                    block_sizes=block_sizes)
     return (o, lse) if return_lse else o
-  platform = _pallas_platform()
+  platform = backend.pallas_platform()
   o, lse = _pallas_attention(q, k, v, causal=causal, sm_scale=scale, window=window, kv_lengths=kv_lengths,
                              block_sizes=block_sizes, interpret=jax.default_backend() != platform,
                              platform=platform)
@@ -93,7 +86,7 @@ def flash_attention(
 
 def _hopper() -> bool:
   """Whether the default device is an sm_90 GPU (H100/H200), which the Mosaic GPU kernels (wgmma) are built for."""
-  return _on_gpu() and getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
+  return backend.on_gpu() and getattr(jax.devices()[0], "compute_capability", "").startswith("9.")
 
 
 def _auto_impl(q, k, v, causal, window, kv_lengths, block_sizes) -> str:
@@ -101,11 +94,11 @@ def _auto_impl(q, k, v, causal, window, kv_lengths, block_sizes) -> str:
   one H200): the Mosaic GPU kernels on Hopper, 1.24-1.55x the Triton-lowering ones forward and 1.16-1.32x
   forward+backward; the Triton-lowering kernels on other GPUs and for what Mosaic does not take (windows, kv
   lengths, fp32, explicit Triton tiles); Mosaic TPU on TPU; the reference elsewhere."""
-  if _on_gpu():
+  if backend.on_gpu():
     if _hopper() and block_sizes is None and mosaic_gpu.supports(q, k, v, causal, window, kv_lengths):
       return "mosaic"
     return "pallas"
-  return "pallas" if _pallas_platform() == "tpu" else "xla"
+  return "pallas" if backend.pallas_platform() == "tpu" else "xla"
 
 
 def _validate(q, k, v, window, kv_lengths, impl):
@@ -230,7 +223,7 @@ def _mosaic_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_si
   # attend key 0 at least, so their lse stays finite, and are sliced off.
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
   lengths = jnp.full((b,), s, jnp.int32)
-  o, lse = _flash_mosaic(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, not _on_gpu(),
+  o, lse = _flash_mosaic(pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), lengths, static, blocks, not backend.on_gpu(),
                          config, s, bwd_blocks)
   return o[:, :t], lse[:, :, :t]
 
@@ -280,7 +273,7 @@ def _mosaic_bwd_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, bloc
       precision=None,
   )
   lengths = jnp.full((b,), s, jnp.int32)
-  return _flash_mosaic_backward(q, k, v, lengths, static, blocks, bwd_blocks, not _on_gpu())
+  return _flash_mosaic_backward(q, k, v, lengths, static, blocks, bwd_blocks, not backend.on_gpu())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

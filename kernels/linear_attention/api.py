@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import backend
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
 # "xla": the chunked jnp reference. "pallas": the Pallas kernels (interpret mode off GPU). "triton": the
@@ -116,13 +117,13 @@ def linear_attention(
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
   if impl == "auto":
-    impl = "pallas" if _on_gpu() or _pallas_platform() == "tpu" else "xla"
+    impl = "pallas" if backend.has_pallas_kernels() else "xla"
     if impl == "pallas" and not _pallas_supports(q, v, decay):
       impl = "xla"
-    elif impl == "pallas" and _on_gpu() and GPU_AUTO_IMPL == "triton" and _triton_installed():
+    elif impl == "pallas" and backend.on_gpu() and GPU_AUTO_IMPL == "triton" and _triton_installed():
       impl = "triton"
   if impl == "pallas":
-    o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not _on_gpu())
+    o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not backend.on_gpu())
   elif impl == "triton":
     o, state = _triton_linear_attention(q, k, v, decay, initial_state, block_sizes)
   else:
@@ -132,17 +133,13 @@ def linear_attention(
   return (o, state) if return_final_state else o
 
 
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
-
-
 def _triton_installed() -> bool:
   return all(importlib.util.find_spec(name) is not None for name in ("triton", "jax_triton"))
 
 
 def _triton_linear_attention(q, k, v, decay, initial_state, block_sizes):
   """impl="triton": the Triton-language kernels of `triton.py` (same block sizes as the Pallas GPU kernels)."""
-  if not _on_gpu() or not _triton_installed():
+  if not backend.on_gpu() or not _triton_installed():
     raise NotImplementedError(
         "impl='triton' needs a CUDA GPU and jax-triton (pip install 'jax-triton==0.3.1', or this package's [gpu] "
         f"extra); here jax's default backend is {jax.default_backend()!r} and jax-triton is "
@@ -156,10 +153,6 @@ def _triton_linear_attention(q, k, v, decay, initial_state, block_sizes):
   from kernels.linear_attention import triton as triton_kernels  # noqa: PLC0415 (imports triton: GPU only)
 
   return triton_kernels.linear_attention(q, k, v, decay, initial_state, block_sizes)
-
-
-def _pallas_platform() -> str:
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def _pallas_supports(q, v, decay) -> bool:
@@ -178,7 +171,7 @@ def _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, *, inte
         f"impl='pallas' takes float32, bfloat16 or float16; got q.dtype={q.dtype}, v.dtype={v.dtype}"
         + ("" if decay is None else f", decay.dtype={decay.dtype}")
     )
-  if _pallas_platform() == "tpu":
+  if backend.pallas_platform() == "tpu":
     if block_sizes is not None and not isinstance(block_sizes, pallas_tpu.BlockSizes):
       raise ValueError(f"block_sizes={block_sizes!r} is not valid on TPU; pass a pallas_tpu.BlockSizes")
     return pallas_tpu.linear_attention(q, k, v, decay, initial_state, block_sizes,

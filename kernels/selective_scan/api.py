@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import backend
 from kernels.selective_scan import pallas_gpu, pallas_tpu, reference
 
 # "xla": the chunked jnp reference (autodiff for gradients). "pallas": the fused Pallas kernels with their own
@@ -14,14 +15,6 @@ from kernels.selective_scan import pallas_gpu, pallas_tpu, reference
 # GPU and TPU (where the TPU kernels take the group layout), the reference elsewhere.
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
-
-
-def _pallas_platform() -> str:
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def _check_shape(name: str, array: jax.Array | None, expected: tuple[int, ...], letters: str) -> None:
@@ -113,9 +106,9 @@ def selective_scan(
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
   if impl == "auto":
-    on_tpu = _pallas_platform() == "tpu"
+    on_tpu = backend.pallas_platform() == "tpu"
     groups = 1 if B.ndim == 3 else B.shape[2]
-    impl = "pallas" if _on_gpu() or (on_tpu and pallas_tpu.unsupported(x.shape[2], groups) is None) else "xla"
+    impl = "pallas" if backend.on_gpu() or (on_tpu and pallas_tpu.unsupported(x.shape[2], groups) is None) else "xla"
   if impl == "pallas":
     y, state = _pallas_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                             initial_state=initial_state, block_sizes=block_sizes)
@@ -132,7 +125,7 @@ def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, b
 
   On a TPU backend the TPU kernels take over (they need no padding of N; see `pallas_tpu.selective_scan`).
   """
-  if _pallas_platform() == "tpu":
+  if backend.pallas_platform() == "tpu":
     return pallas_tpu.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                      initial_state=initial_state, block_sizes=block_sizes,
                                      interpret=jax.default_backend() != "tpu")
@@ -157,7 +150,7 @@ def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, b
       has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
       has_initial_state=initial_state is not None, segment=blocks.segment,
   )
-  y, state = _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, _Config(static, blocks, not _on_gpu()))
+  y, state = _scan(x, dt, A, B, C, D, z, dt_bias, initial_state, _Config(static, blocks, not backend.on_gpu()))
   return y, state[..., :n]
 
 
