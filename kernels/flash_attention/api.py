@@ -244,13 +244,18 @@ def _flash_mosaic_bwd(static, blocks, interpret, config, kv_length, bwd_blocks, 
   # The Mosaic backward takes no key padding; with none (S a tile multiple) it runs, else the Triton one.
   if static.has_kv_length or not mosaic_gpu_bwd.supports(q.shape, k.shape, q.dtype, blocks=bwd_blocks):
     return _flash_bwd(static, blocks, interpret, "gpu", residuals, cotangents)
+  return _mosaic_gradients(q, k, v, o, lse, cotangents, static, bwd_blocks, interpret)
+
+
+_flash_mosaic.defvjp(_flash_mosaic_fwd, _flash_mosaic_bwd)
+
+
+def _mosaic_gradients(q, k, v, o, lse, cotangents, static, bwd_blocks, interpret):
+  """(dq, dk, dv, None for kv_lengths) by the Mosaic GPU backward, from the forward's o and natural-log lse."""
   do, dlse = cotangents
   dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do.astype(q.dtype), causal=static.causal,
                                        sm_scale=static.sm_scale, dlse=dlse, blocks=bwd_blocks, interpret=interpret)
   return dq, dk, dv, None
-
-
-_flash_mosaic.defvjp(_flash_mosaic_fwd, _flash_mosaic_bwd)
 
 
 def _mosaic_bwd_attention(q, k, v, *, causal, sm_scale, window, kv_lengths, block_sizes, bwd_blocks=None):
@@ -287,13 +292,7 @@ def _flash_mosaic_backward_fwd(q, k, v, kv_lengths, static, blocks, bwd_blocks, 
 
 
 def _flash_mosaic_backward_bwd(static, blocks, bwd_blocks, interpret, residuals, cotangents):
-  q, k, v, o, lse = residuals
-  do, dlse = cotangents
-  dq, dk, dv = mosaic_gpu_bwd.backward(
-      q, k, v, o, lse, do.astype(q.dtype), causal=static.causal, sm_scale=static.sm_scale, dlse=dlse,
-      blocks=bwd_blocks, interpret=interpret,
-  )
-  return dq, dk, dv, None
+  return _mosaic_gradients(*residuals, cotangents, static, bwd_blocks, interpret)
 
 
 _flash_mosaic_backward.defvjp(_flash_mosaic_backward_fwd, _flash_mosaic_backward_bwd)
