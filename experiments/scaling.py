@@ -12,10 +12,16 @@ variant's lengths are recorded as skipped, so the table shows where each variant
 Memory is the compiled step's own account (arguments + outputs + temporaries - donated aliases, from XLA's
 memory analysis): unlike the allocator's peak it is per program, so rows do not inherit earlier rows' peaks.
 Writes scaling.json, scaling.md and (with matplotlib) scaling.png.
+
+A sweep split over several GPUs or time-limited calls comes together with --merge_from: the rows of earlier
+scaling.json files (same model and lengths) are taken as measured, only the other variants run, and the table
+and plot cover all of them, e.g. `--merge_from=run0/scaling.json,run1/scaling.json` with nothing left to run
+just merges.
 """
 
 import dataclasses
 import functools
+import json
 import os
 import time
 import traceback
@@ -49,6 +55,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
   flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
   flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
+  flags.DEFINE_list("merge_from", [], "Earlier scaling.json files whose variants are taken as measured "
+                    "(same model and lengths); only the other variants run.")
   flags.DEFINE_multi_string(
       "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
 
@@ -230,6 +238,27 @@ def plot(rows: list[Row], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[list[Row], dict | None]:
+  """Rows of earlier runs (scaling.json files) and the environment they ran in; the files must describe the
+  same model, lengths and device, or their numbers would not belong in one table."""
+  rows: list[Row] = []
+  env = None
+  for path in paths:
+    with open(path) as f:
+      saved = json.load(f)
+    their_lengths = sorted({r["seq_len"] for r in saved["rows"]})
+    if saved["environment"].get("model") != model or not set(their_lengths) <= set(lengths):
+      raise ValueError(f"--merge_from file {path} is not valid here: it measured model "
+                       f"{saved['environment'].get('model')!r} at lengths {their_lengths}, this run {model!r} at "
+                       f"{lengths}")
+    if env is not None and saved["environment"]["device"] != env["device"]:
+      raise ValueError(f"--merge_from file {path} is not valid here: it ran on {saved['environment']['device']!r}, "
+                       f"an earlier file on {env['device']!r}")
+    env = env or saved["environment"]
+    rows.extend(Row(**r) for r in saved["rows"])
+  return rows, env
+
+
 def main(argv):
   del argv
   names = FLAGS.variants or list(variant_names())
@@ -244,17 +273,33 @@ def main(argv):
   size = ModelSize(width=FLAGS.width, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads,
                    batch_size=FLAGS.batch_size, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype)
   on_gpu = jax.default_backend() == "gpu"
-  rows: list[Row] = []
+  try:
+    rows, merged_env = load_measured(FLAGS.merge_from, size.describe(), lengths)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  measured = {row.variant for row in rows}
+  names = list(dict.fromkeys([*[r.variant for r in rows], *names]))
+  env = merged_env or environment()
   for name in names:
+    if name in measured:
+      continue
     options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
     measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
                                        max_step_s=FLAGS.max_step_s)
     rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
+    env = environment()
+    if merged_env is not None and merged_env["device"] != env["device"]:
+      raise app.UsageError(f"--merge_from rows ran on {merged_env['device']!r}, this run on {env['device']!r}")
     # Rewritten after every variant, so a sweep stopped by a time limit keeps what it measured.
-    env = environment() | {"model": size.describe(), "options": user_options}
-    table = markdown(rows, lengths, size.describe())
-    write_results(FLAGS.out_dir, "scaling", env, [dataclasses.asdict(r) for r in rows], table)
+    _write(rows, lengths, size, user_options, env)
+  _write(rows, lengths, size, user_options, env)
   plot(rows, os.path.join(FLAGS.out_dir, "scaling.png"))
+
+
+def _write(rows: list[Row], lengths: list[int], size: ModelSize, options: dict, env: dict) -> None:
+  env = env | {"model": size.describe(), "options": options}
+  write_results(FLAGS.out_dir, "scaling", env, [dataclasses.asdict(r) for r in rows],
+                markdown(rows, lengths, size.describe()))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,13 @@ def test_every_mission_variant_is_registered():
       "compressive", "mamba", "rwkv",
   }
   assert expected <= set(variant_names())
+
+
+@pytest.mark.parametrize("name", variant_names())
+def test_parameters_do_not_share_buffers(name):
+  """A training step donates its parameters; two parameters on one buffer make that fail on GPU ("Attempt to
+  donate the same buffer twice"), which CPU runs do not show."""
+  causal = config_class(name).supports_causal
+  leaves = jax.tree.leaves(nnx.state(_mixer(name, causal), nnx.Param))
+  pointers = [leaf.unsafe_buffer_pointer() for leaf in leaves]
+  assert len(set(pointers)) == len(pointers)

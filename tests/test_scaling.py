@@ -1,5 +1,6 @@
 """experiments.scaling: the sweep stops at a variant's wall, and the script writes its results end to end."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -30,13 +31,33 @@ def test_sweep_stops_after_the_first_length_that_does_not_fit():
   assert [r.status for r in rows] == ["ok", "ok", "slow"]
 
 
-def test_script_writes_json_markdown_and_plot(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.scaling", "--variants=full,mamba", "--lengths=16,32", "--width=32",
-         "--num_layers=1", "--num_heads=2", "--iters=2", f"--out_dir={tmp_path}"]
-  subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path):
+  common = [sys.executable, "-m", "experiments.scaling", "--lengths=16,32", "--width=32", "--num_layers=1",
+            "--num_heads=2", "--iters=2"]
+  first = tmp_path / "first"
+  subprocess.run([*common, "--variants=full", f"--out_dir={first}"], check=True, capture_output=True, text=True,
+                 timeout=300)
+  # A second run measures only mamba and takes full's rows from the first (the split-over-GPUs workflow).
+  subprocess.run([*common, "--variants=mamba", f"--merge_from={first / 'scaling.json'}", f"--out_dir={tmp_path}"],
+                 check=True, capture_output=True, text=True, timeout=300)
   results = json.loads((tmp_path / "scaling.json").read_text())
   assert results["environment"]["device"]
   rows = {(r["variant"], r["seq_len"]): r for r in results["rows"]}
   assert set(rows) == {("full", 16), ("full", 32), ("mamba", 16), ("mamba", 32)}
   assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
-  assert "| mamba |" in (tmp_path / "scaling.md").read_text()
+  first_rows = json.loads((first / "scaling.json").read_text())["rows"]
+  assert [r for r in results["rows"] if r["variant"] == "full"] == first_rows
+  table = (tmp_path / "scaling.md").read_text()
+  assert "| mamba |" in table and "| full |" in table
+  if importlib.util.find_spec("matplotlib"):
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_merge_refuses_rows_of_another_model(tmp_path):
+  path = tmp_path / "scaling.json"
+  path.write_text(json.dumps({"environment": {"device": "cpu", "model": "width 64"}, "rows": [
+      {"variant": "full", "seq_len": 16, "status": "ok", "step_ms": 1.0, "tokens_per_s": 1.0, "memory_gib": 0.1}]}))
+  rows, env = scaling.load_measured([str(path)], "width 64", [16, 32])
+  assert [r.variant for r in rows] == ["full"] and env["device"] == "cpu"
+  with pytest.raises(ValueError, match="merge_from.*width 64"):
+    scaling.load_measured([str(path)], "width 32", [16, 32])

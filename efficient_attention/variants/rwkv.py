@@ -153,7 +153,9 @@ def _channel_fraction(width: int) -> jax.Array:
 
 
 def _param(value: jax.Array, param_dtype: Any) -> nnx.Param:
-  return nnx.Param(jnp.asarray(value, param_dtype))
+  # A copy: two parameters built from one array (mix_k and mix_r) must not share a buffer, or a training step
+  # that donates its parameters fails ("Attempt to donate the same buffer twice").
+  return nnx.Param(jnp.array(value, param_dtype, copy=True))
 
 
 def _low_rank_init(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype: Any) -> nnx.Param:
