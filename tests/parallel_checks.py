@@ -58,6 +58,10 @@ def ring_checks(layout):
   single = lambda q, k, v: flash_attention(q, k, v, causal=True, kv_lengths=lengths, impl="xla")
   sharded = lambda q, k, v: parallel.ring_attention(q, k, v, layout, causal=True, kv_lengths=lengths, impl="xla")
   results["ring_causal_zigzag"] = _compare(single, sharded, (q, k, v), cotangent)
+  # The heads in two groups, one ring after the other (GQA: one kv head per group).
+  grouped = lambda q, k, v: parallel.ring_attention(q, k, v, layout, causal=True, kv_lengths=lengths, impl="xla",
+                                                    head_groups=2)
+  results["ring_causal_zigzag_head_groups"] = _compare(single, grouped, (q, k, v), cotangent)
   return results
 
 
@@ -91,16 +95,17 @@ def scan_checks(layout):
 def ring_memory_checks():
   """Compiled temporary memory of ring attention's forward + backward at the same tokens per device on 2 and 4
   devices: one visiting block and one partial result alive at a time, so it should not grow with the ring."""
-  c, h, d = 128, 2, 16
+  c, h, d = 128, 4, 16
 
-  def temp_bytes(n):
+  def temp_bytes(n, head_groups=1):
     layout = parallel.SequenceLayout(parallel.make_mesh(f"data:1,sequence:{n}", devices=jax.devices()[:n]))
     q = jax.ShapeDtypeStruct((1, n * c, h, d), jnp.float32)
-    loss = lambda q, k, v: jnp.sum(parallel.ring_attention(q, k, v, layout, causal=True, impl="xla") ** 2)
+    loss = lambda q, k, v: jnp.sum(parallel.ring_attention(q, k, v, layout, causal=True, impl="xla",
+                                                           head_groups=head_groups) ** 2)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  return {"ring_memory": {"two": temp_bytes(2), "four": temp_bytes(4)}}
+  return {"ring_memory": {"two": temp_bytes(2), "four": temp_bytes(4), "two_in_4_head_groups": temp_bytes(2, 4)}}
 
 
 def decoder_checks(mesh):

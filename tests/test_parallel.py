@@ -4,6 +4,7 @@ The multi-device checks run in a subprocess (tests/parallel_checks.py) that forc
 the device count once, before jax starts, and the rest of the suite runs on one device.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -43,7 +44,8 @@ def multi_device_results():
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("check", ["ring_causal_zigzag", "linear_attention_per_channel", "selective_scan"])
+@pytest.mark.parametrize("check", ["ring_causal_zigzag", "ring_causal_zigzag_head_groups",
+                                   "linear_attention_per_channel", "selective_scan"])
 def test_sharded_op_matches_single_device(multi_device_results, check):
   """Ring attention and the sequence-parallel scans: output and every input gradient."""
   for quantity, error in multi_device_results[check].items():
@@ -55,6 +57,22 @@ def test_ring_memory_does_not_grow_with_the_ring(multi_device_results):
   partial result alive at once it took about 1.8x here)."""
   report = multi_device_results["ring_memory"]
   assert report["four"] <= 1.1 * report["two"], report
+
+
+def test_ring_head_groups_cut_its_memory(multi_device_results):
+  """Heads in 4 groups, one ring after the other: the accumulators and visiting blocks hold a quarter of the
+  heads, so the step's temporary memory must drop well below the all-heads ring's."""
+  report = multi_device_results["ring_memory"]
+  assert report["two_in_4_head_groups"] <= 0.6 * report["two"], report
+
+
+def test_ring_head_groups_default_keeps_enough_rows_per_kernel_call():
+  # The module, not the function of the same name that efficient_attention.parallel exports.
+  ring_attention_module = importlib.import_module("efficient_attention.parallel.ring_attention")
+  assert ring_attention_module._head_groups(rows=8 * 57344, hkv=8) == 4
+  assert ring_attention_module._head_groups(rows=8 * 28672, hkv=8) == 2
+  assert ring_attention_module._head_groups(rows=8 * 4096, hkv=8) == 1
+  assert ring_attention_module._head_groups(rows=1 << 30, hkv=1) == 1
 
 
 def test_decoder_loss_and_gradients_match_single_device(multi_device_results):
@@ -120,6 +138,8 @@ def test_ring_attention_rejects_bad_arguments():
     parallel.ring_attention(q, q, q, layout, impl="nope")
   with pytest.raises(ValueError, match="k.shape"):
     parallel.ring_attention(q, q[:, :4], q[:, :4], layout)
+  with pytest.raises(ValueError, match=r"head_groups=3 .*valid: \[1, 2\]"):
+    parallel.ring_attention(q, q, q, layout, head_groups=3)
 
 
 @pytest.mark.gpu
@@ -134,10 +154,11 @@ def test_ring_attention_pallas_matches_flash_on_gpus():
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, do = (jax.random.normal(key, (b, t, h, d), jnp.bfloat16) for key in keys)
   lengths = jnp.array([t, t - 300])
-  for options in (dict(causal=True), dict(), dict(causal=True, window=(128, 0))):
+  for options in (dict(causal=True), dict(), dict(causal=True, window=(128, 0)), dict(causal=True, head_groups=4)):
     def loss(fn):
       return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-    single = lambda q, k, v: flash_attention(q, k, v, kv_lengths=lengths, impl="pallas", **options)
+    single = lambda q, k, v: flash_attention(q, k, v, kv_lengths=lengths, impl="pallas",
+                                             **{key: value for key, value in options.items() if key != "head_groups"})
     ring = lambda q, k, v: parallel.ring_attention(q, k, v, layout, kv_lengths=lengths, impl="pallas", **options)
     assert_close(jax.jit(ring)(q, k, v), single(q, k, v), 1e-2, f"ring {options} output")
     expected = jax.grad(loss(single), argnums=(0, 1, 2))(q, k, v)

@@ -13,6 +13,14 @@ Layouts:
   holds chunks d and 2N - 1 - d, so every device does the same causal work at every step (one early and one
   late chunk). The switch to and from this order is two ppermutes of the local block each way.
 
+Head groups: the ring keeps fp32 accumulators the size of the local q/k/v (the merged output in the forward;
+dQ, dK, dV in the backward) beside the visiting blocks, a cost the one-device kernel does not have. Measured on
+two H200s (flash decoder, width 1024, 4 layers): at equal tokens per device the ring step needed 2.5 GiB more
+than the one-device step at 57K tokens per device, most of it fp32 [c, H, D] buffers. With long local blocks the
+heads therefore go round the ring in groups, one group after the other (`lax.map`), so those buffers hold only
+H / groups heads; a group still gives the kernel b * c * H / groups >= 2^16 query rows, enough programs to fill
+a GPU, so short blocks (where memory is not the limit) keep all heads in one ring.
+
 Backward: a custom VJP whose backward runs the same ring. Autodiff through the forward would also be exact
 (ppermute transposes to the reverse ppermute), but it would keep every visiting K/V block and every partial
 output alive until the backward, O(N) times the local K/V per layer, which defeats training sequences N times
@@ -31,6 +39,8 @@ from efficient_attention.parallel.sharding import SequenceLayout
 from kernels.flash_attention import flash_attention
 
 f32 = jnp.float32
+# Query rows (batch x local tokens x heads) below which the heads are not split into groups (see Head groups).
+_ROWS_PER_HEAD_GROUP = 1 << 16
 Window = tuple[int | None, int | None] | None
 
 
@@ -81,6 +91,7 @@ def ring_attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "auto",
     load_balance: bool = True,
+    head_groups: int | None = None,
 ) -> jax.Array:
   """Softmax attention with T split over `layout.axis`; same result as `kernels.flash_attention`.
 
@@ -92,6 +103,8 @@ def ring_attention(
     impl: kernel of each step: "xla" (reference), "pallas", or "auto" (Pallas on GPU, the reference
       elsewhere). "cudnn" runs the Pallas kernel: cuDNN's public entry point returns no log-sum-exp.
     load_balance: zig-zag order for causal attention without a window.
+    head_groups: rings run one after the other, each over H / head_groups query heads and their kv heads (must
+      divide Hkv); None picks the most groups that still give each kernel call >= 2^16 query rows.
 
   Returns:
     o [B, T, H, D] in q's dtype, sharded like q.
@@ -111,6 +124,12 @@ def ring_attention(
     )
   if impl == "auto":
     impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  hkv = k.shape[2]
+  if head_groups is None:
+    head_groups = _head_groups(q.shape[0] * (q.shape[1] // n) * q.shape[2], hkv)
+  elif head_groups < 1 or hkv % head_groups:
+    raise ValueError(f"head_groups={head_groups} is not valid; it must divide Hkv={hkv} "
+                     f"(valid: {[g for g in range(1, hkv + 1) if hkv % g == 0]})")
   plan = _Plan(
       axis=layout.axis, size=n, causal=causal, window=None if window is None else tuple(window),
       sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale),
@@ -119,10 +138,26 @@ def ring_attention(
   lengths = jnp.full(q.shape[:1], q.shape[1], jnp.int32) if kv_lengths is None else kv_lengths.astype(jnp.int32)
   spec = layout.spec(None, None)
   local = jax.shard_map(
-      functools.partial(_local_attention, plan=plan), mesh=layout.mesh,
+      functools.partial(_grouped_heads, plan=plan, groups=head_groups), mesh=layout.mesh,
       in_specs=(spec, spec, spec, layout.batch_spec()), out_specs=spec, check_vma=False,
   )
   return local(q, k, v, lengths)
+
+
+def _head_groups(rows: int, hkv: int) -> int:
+  """Most groups dividing Hkv whose kernel calls keep >= _ROWS_PER_HEAD_GROUP query rows (1 if none)."""
+  return max(g for g in range(1, hkv + 1) if hkv % g == 0 and (g == 1 or rows // g >= _ROWS_PER_HEAD_GROUP))
+
+
+def _grouped_heads(q, k, v, lengths, *, plan: _Plan, groups: int):
+  """_local_attention over `groups` slices of the heads in turn; contiguous slices keep GQA's pairing (query
+  head i reads kv head i // (H / Hkv)) because groups divides Hkv."""
+  if groups == 1:
+    return _local_attention(q, k, v, lengths, plan=plan)
+  # [b, c, heads, d] -> [groups, b, c, heads / groups, d]
+  split = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], groups, x.shape[2] // groups, x.shape[3]), 2, 0)
+  o = jax.lax.map(lambda qkv: _local_attention(*qkv, lengths, plan=plan), (split(q), split(k), split(v)))
+  return jnp.moveaxis(o, 0, 2).reshape(q.shape)
 
 
 def _local_attention(q, k, v, lengths, *, plan: _Plan):
