@@ -254,7 +254,10 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
     if env is not None and saved["environment"]["device"] != env["device"]:
       raise ValueError(f"--merge_from file {path} is not valid here: it ran on {saved['environment']['device']!r}, "
                        f"an earlier file on {env['device']!r}")
-    env = env or saved["environment"]
+    if env is None:
+      env = dict(saved["environment"])
+    elif saved["environment"]["commit"] not in env["commit"].split(", "):
+      env["commit"] += ", " + saved["environment"]["commit"]  # rows measured at several commits say so
     rows.extend(Row(**r) for r in saved["rows"])
   return rows, env
 
@@ -288,8 +291,11 @@ def main(argv):
                                        max_step_s=FLAGS.max_step_s)
     rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
     env = environment()
-    if merged_env is not None and merged_env["device"] != env["device"]:
-      raise app.UsageError(f"--merge_from rows ran on {merged_env['device']!r}, this run on {env['device']!r}")
+    if merged_env is not None:
+      if merged_env["device"] != env["device"]:
+        raise app.UsageError(f"--merge_from rows ran on {merged_env['device']!r}, this run on {env['device']!r}")
+      if env["commit"] not in merged_env["commit"].split(", "):
+        env["commit"] = f"{merged_env['commit']}, {env['commit']}"
     # Rewritten after every variant, so a sweep stopped by a time limit keeps what it measured.
     _write(rows, lengths, size, user_options, env)
   _write(rows, lengths, size, user_options, env)
