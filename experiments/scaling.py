@@ -219,14 +219,17 @@ def plot(rows: list[Row], path: str) -> None:
     print("matplotlib not importable; no plot")
     return
   fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 5))
-  for variant in dict.fromkeys(row.variant for row in rows):
+  # Twelve variants outrun the default ten-colour cycle: distinct colours and markers keep every line apart.
+  colors, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*XP"
+  for i, variant in enumerate(dict.fromkeys(row.variant for row in rows)):
     ok = [r for r in rows if r.variant == variant and r.status == "ok"]
     if not ok:
       continue
+    style = dict(marker=markers[i % len(markers)], color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=variant)
     lengths = np.array([r.seq_len for r in ok])
-    ax_time.plot(lengths, [r.step_ms for r in ok], marker="o", label=variant)
+    ax_time.plot(lengths, [r.step_ms for r in ok], **style)
     if all(r.memory_gib is not None for r in ok):
-      ax_memory.plot(lengths, [r.memory_gib for r in ok], marker="o", label=variant)
+      ax_memory.plot(lengths, [r.memory_gib for r in ok], **style)
   for ax, label in ((ax_time, "training step (ms)"), (ax_memory, "step memory (GiB)")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
