@@ -72,6 +72,10 @@ class DecoderConfig:
   param_dtype: str = "float32"
   # Base seed for per-layer fixed randomness inside mixers (BigBird random blocks); layer i gets seed + i.
   seed: int = 0
+  # Gradient checkpointing: each block keeps only its input for the backward and recomputes the rest, so training
+  # memory per layer falls from the block's activations (MLP hidden, attention residuals, ...) to one [B, T, C]
+  # tensor, for one extra forward pass.
+  remat: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "mixer_options", _freeze_options(self.mixer_options))
@@ -159,6 +163,10 @@ class Block(nnx.Module):
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+def _call_block(block: Block, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  return block(x, mask)
+
+
 class Decoder(nnx.Module):
   """tokens [B, T] int -> logits [B, T, vocab] (head="lm") or [B, num_classes] (head="classifier")."""
 
@@ -204,8 +212,9 @@ class Decoder(nnx.Module):
     if self.positions is not None:
       x = x + self.positions(t)[None]
     x = self.dropout(x)
+    run_block = nnx.remat(lambda block, x, mask: block(x, mask)) if self.config.remat else _call_block
     for block in self.blocks:
-      x = block(x, mask)
+      x = run_block(block, x, mask)
     x = self.final_norm(x)
     if self.config.head == "classifier":
       return self.head(self._pool(x, mask)).astype(jnp.float32)

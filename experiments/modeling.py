@@ -87,6 +87,7 @@ def decoder_config(model: Mapping[str, Any], task: TaskData, seed: int) -> tuple
       dtype=model["dtype"],
       param_dtype=model["param_dtype"],
       seed=seed,
+      remat=model["remat"],
   )
   return config, why
 

@@ -42,6 +42,7 @@ _DEVICES = flags.DEFINE_list("devices", [], "Device counts to measure; default 1
 _START_LEN = flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence length tried on 1 device.")
 _BISECT = flags.DEFINE_integer("bisect", 3, "Part 2: bisection steps after the first failing length.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.")
+_REMAT = flags.DEFINE_bool("remat", False, "Gradient checkpointing per block (DecoderConfig.remat) in both parts.")
 _PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
 # Part 2 runs a step only if its compiled memory analysis needs at most this share of the device's memory:
 # the allocator also needs room for fragmentation, and a step that runs out mid-way hangs the other devices.
@@ -54,7 +55,7 @@ def _model_config(max_len: int) -> DecoderConfig:
   return DecoderConfig(
       vocab_size=_VOCAB, width=_WIDTH.value, num_layers=_LAYERS.value, num_heads=_HEADS.value,
       variant=_VARIANT.value, position="rope", max_len=max_len, mlp_ratio=4.0, dtype="bfloat16",
-      param_dtype="float32",
+      param_dtype="float32", remat=_REMAT.value,
   )
 
 
@@ -233,7 +234,7 @@ def main(argv):
   env = environment()
   env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
   setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
-             f"compute / fp32 params, AdamW; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
+             f"compute / fp32 params, AdamW{', gradient checkpointing per block' if _REMAT.value else ''}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
              f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
   throughput_rows, longest_rows = [], []
 

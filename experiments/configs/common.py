@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   model.param_dtype = "float32"
   # Longest sequence the model accepts; 0 means the task's longest split.
   model.max_len = 0
+  # Gradient checkpointing per block (recompute activations in the backward; for long sequences).
+  model.remat = False
   model.mixer_options = mixer_options()
 
   train = config.train = ml_collections.ConfigDict()
