@@ -111,7 +111,7 @@ def test_initialisation_follows_mamba():
         ("dt_rank", dict(dt_rank="full")),
         ("dt_rank", dict(dt_rank=0)),
         ("dt_min", dict(dt_min=0.2, dt_max=0.1)),
-        ("impl", dict(impl="triton")),
+        ("impl", dict(impl="cudnn")),
         ("causal", dict(causal=False)),
     ],
 )

@@ -169,7 +169,7 @@ def test_bf16_inputs():
         ("z", dict(z=jnp.zeros((2, 7, 4)))),
         ("dt_bias", dict(dt_bias=jnp.ones((8, 1)))),
         ("initial_state", dict(initial_state=jnp.zeros((2, 8, 5)))),
-        ("impl", dict(impl="triton")),
+        ("impl", dict(impl="cudnn")),
         ("chunk_size", dict(chunk_size=0)),
     ],
 )

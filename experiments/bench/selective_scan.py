@@ -7,6 +7,9 @@ as Mamba keeps its parameters), with D, z, dt_bias and softplus. Implementations
   ours        kernels.selective_scan(impl="pallas")
   ours[seg=S] the same with BlockSizes(segment=S), time split into segments scanned in parallel (--segments;
               an entry S:field=value:... also sets other BlockSizes fields, e.g. 512:num_warps=2:block_d=8)
+  triton      kernels.selective_scan(impl="triton"), the chunk-parallel Triton-language kernels (jax-triton)
+  triton[S]   the same with triton_config.BlockSizes(**S) for each --triton_blocks entry S, e.g.
+              block_d=8:chunk=32:block_d_bwd=8:chunk_bwd=32
   xla         kernels.selective_scan(impl="xla"), the chunked jnp reference
   assoc_scan  jax.lax.associative_scan over the full [B, L, Dm, N] state history (the textbook JAX baseline)
   mamba_ssm   mamba_ssm's CUDA kernels (csrc/selective_scan), built with torch.utils.cpp_extension.load when
@@ -33,14 +36,18 @@ from absl import app, flags  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.selective_scan import selective_scan  # noqa: E402
 from kernels.selective_scan.pallas_gpu import BlockSizes  # noqa: E402
+from kernels.selective_scan.triton_config import BlockSizes as TritonBlockSizes  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192", "32768"], "Sequence lengths L.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Dtypes of x, dt, z, B, C.")
-_IMPLS = flags.DEFINE_list("impls", ["ours", "xla", "assoc_scan", "mamba_ssm"], "Implementations to time.")
+_IMPLS = flags.DEFINE_list("impls", ["ours", "triton", "xla", "assoc_scan", "mamba_ssm"],
+                           "Implementations to time.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
 _SEGMENTS = flags.DEFINE_list("segments", [], "Also time ours with BlockSizes(segment=S) for each S, as rows "
                                "ours[seg=S], e.g. 256,512,1024; S:field=value:... sets other BlockSizes fields.")
+_TRITON_BLOCKS = flags.DEFINE_list("triton_blocks", [], "Also time impl='triton' with these tiles, as rows "
+                                    "triton[S]; S is field=value:field=value:... of triton_config.BlockSizes.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Also time a few BlockSizes of ours at L=--sweep_len.")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 8192, "Sequence length of the BlockSizes sweep.")
 _MAMBA_SRC = flags.DEFINE_string("mamba_ssm_src", None, "Extracted mamba_ssm sdist (the folder holding csrc/).")
@@ -95,21 +102,33 @@ def _ours(blocks=None):
       x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="pallas", block_sizes=blocks)
 
 
+def _triton(blocks=None):
+  return lambda x, dt, A, B, C, D, z, dt_bias: selective_scan(
+      x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="triton", block_sizes=blocks)
+
+
+def _triton_blocks(spec: str) -> TritonBlockSizes:
+  """'block_d=8:chunk=32' -> TritonBlockSizes(block_d=8, chunk=32)."""
+  return TritonBlockSizes(**{k: int(v) for k, v in (field.split("=") for field in spec.split(":"))})
+
+
 def _segmented_blocks(spec: str) -> BlockSizes:
   """'512' or '512:num_warps=2:block_d=8' -> BlockSizes(segment=512, num_warps=2, block_d=8)."""
   segment, *fields = spec.split(":")
   return BlockSizes(segment=int(segment), **{k: int(v) for k, v in (field.split("=") for field in fields)})
 
 
-def _jax_impls(names, segments):
+def _jax_impls(names, segments, triton_specs):
   impls = {
       "ours": _ours(),
+      "triton": _triton(),
       "xla": lambda x, dt, A, B, C, D, z, dt_bias: selective_scan(
           x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="xla"),
       "assoc_scan": lambda x, dt, A, B, C, D, z, dt_bias: _assoc_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias),
   }
   impls = {name: fn for name, fn in impls.items() if name in names}
   impls.update({f"ours[seg={spec}]": _ours(_segmented_blocks(spec)) for spec in segments})
+  impls.update({f"triton[{spec}]": _triton(_triton_blocks(spec)) for spec in triton_specs})
   return impls
 
 
@@ -211,7 +230,7 @@ def _error(e):
 def main(argv):
   del argv
   env = environment()
-  impls = _jax_impls(_IMPLS.value, _SEGMENTS.value)
+  impls = _jax_impls(_IMPLS.value, _SEGMENTS.value, _TRITON_BLOCKS.value)
   mamba = None
   if "mamba_ssm" in _IMPLS.value and _MAMBA_SRC.value:
     try:
@@ -260,8 +279,8 @@ def main(argv):
 
 def _table(rows, names, sweep_rows):
   cell = lambda r: f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}" if "fwd_ms" in r else "n/a"
-  # Every variant of ours (the segmented ones too) against mamba_ssm, the plain one against assoc_scan.
-  pairs = [("ours", "assoc_scan")] + [(name, "mamba_ssm") for name in names if name.startswith("ours")]
+  # Every variant of ours and of triton against mamba_ssm, the plain one against assoc_scan.
+  pairs = [("ours", "assoc_scan")] + [(name, "mamba_ssm") for name in names if name.startswith(("ours", "triton"))]
   lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus)", "",
            "| dtype, L | " + " | ".join(names) + " | floor (fwd) | "
            + " | ".join(f"{mine} / {peer}" for mine, peer in pairs) + " |",

@@ -2,18 +2,21 @@
 
 import dataclasses
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import backend
-from kernels.selective_scan import pallas_gpu, pallas_tpu, reference
+from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, triton_config
 
 # "xla": the chunked jnp reference (autodiff for gradients). "pallas": the fused Pallas kernels with their own
-# backward (`pallas_tpu` on a TPU backend, else `pallas_gpu`; interpret mode off their platform). "auto": Pallas on
-# GPU and TPU (where the TPU kernels take the group layout), the reference elsewhere.
-IMPLEMENTATIONS = ("xla", "pallas", "auto")
+# backward (`pallas_tpu` on a TPU backend, else `pallas_gpu`; interpret mode off their platform). "triton": the
+# Triton-language kernels of `triton.py` through jax-triton (GPU only; parallel along L inside a chunk). "auto":
+# Pallas on GPU and TPU (where the TPU kernels take the group layout), the reference elsewhere.
+IMPLEMENTATIONS = ("xla", "pallas", "triton", "auto")
+_TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -73,7 +76,7 @@ def selective_scan(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    block_sizes: pallas_gpu.BlockSizes | None = None,
+    block_sizes: pallas_gpu.BlockSizes | triton_config.BlockSizes | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Mamba-1 selective scan over a sequence.
 
@@ -88,12 +91,14 @@ def selective_scan(
     initial_state: optional [B, Dm, N] (computed in fp32); zeros when None.
     return_final_state: also return the state after the last token, [B, Dm, N] fp32.
     impl: "xla" (the reference), "pallas" (fused kernels: `pallas_tpu` on a TPU backend, else `pallas_gpu`;
-      interpret mode off their platform) or "auto" (Pallas on GPU and TPU, the reference elsewhere).
+      interpret mode off their platform), "triton" (the Triton-language kernels of `triton.py` through
+      jax-triton; GPU only) or "auto" (Pallas on GPU and TPU, the reference elsewhere).
     chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
     block_sizes: tiles of the Pallas kernels (default `BlockSizes.get_default(N)`, block_d shrunk to divide
       Dm / G; on a TPU backend a `pallas_tpu.BlockSizes`); the backward keeps B * ceil(L / block_sizes.chunk)
       * Dm * N fp32 checkpoint states. `block_sizes.segment` splits time into independently scanned segments
-      (more GPU programs; see `pallas_gpu`).
+      (more GPU programs; see `pallas_gpu`). With impl="triton" a `triton_config.BlockSizes` (default
+      `get_default(N)` fitted to Dm / G); the backward keeps B * ceil(L / chunk_bwd) * Dm * N fp32 states.
 
   Returns:
     y [B, L, Dm] in x.dtype, or (y, final_state) if return_final_state.
@@ -113,11 +118,45 @@ def selective_scan(
     y, state = _pallas_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                             initial_state=initial_state, block_sizes=block_sizes)
     return (y, state) if return_final_state else y
+  if impl == "triton":
+    y, state = _triton_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                            initial_state=initial_state, block_sizes=block_sizes)
+    return (y, state) if return_final_state else y
   y, state = reference.selective_scan_chunked(
       x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
       initial_state=initial_state, chunk_size=chunk_size,
   )
   return (y, state) if return_final_state else y
+
+
+def _triton_installed() -> bool:
+  return all(importlib.util.find_spec(name) is not None for name in ("triton", "jax_triton"))
+
+
+def _triton_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, block_sizes):
+  """impl="triton": the Triton-language kernels of `triton.py` (chunk-parallel scans, their own backward)."""
+  for name, array in (("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z)):
+    if array is not None and array.dtype not in _TRITON_DTYPES:
+      raise ValueError(f"{name}.dtype={array.dtype} is not valid for impl='triton'; it takes float32, bfloat16 "
+                       "or float16")
+  per_group = x.shape[2] // (1 if B.ndim == 3 else B.shape[2])
+  if block_sizes is None:
+    block_sizes = triton_config.BlockSizes.get_default(pl.next_power_of_2(A.shape[1])).fitted(per_group)
+  elif isinstance(block_sizes, triton_config.BlockSizes):
+    block_sizes.validate(per_group)
+  else:
+    raise ValueError(f"block_sizes={block_sizes!r} is not valid for impl='triton'; pass a "
+                     "kernels.selective_scan.triton_config.BlockSizes")
+  if not backend.on_gpu() or not _triton_installed():
+    raise NotImplementedError(
+        "impl='triton' needs a CUDA GPU and jax-triton (pip install 'jax-triton==0.3.1', or this package's [gpu] "
+        f"extra); here jax's default backend is {jax.default_backend()!r} and jax-triton is "
+        f"{'' if _triton_installed() else 'not '}installed. Use impl='pallas' or impl='auto'"
+    )
+  from kernels.selective_scan import triton as triton_kernels  # noqa: PLC0415 (imports triton: GPU only)
+
+  return triton_kernels.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                       initial_state=initial_state, blocks=block_sizes)
 
 
 def _pallas_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, block_sizes):

@@ -1,0 +1,428 @@
+"""Mamba-1 selective scan as Triton-language kernels launched through `jax_triton.triton_call`: parallel along
+the sequence inside a chunk, where `pallas_gpu.py` walks it token by token.
+
+Each program owns block_d channels of one batch row, grid (Dm / block_d, B). It walks L in chunks of LC
+tokens; for a chunk it forms the per-token affine state updates h -> a_t h + b_t as [LC, N, block_d] tiles,
+
+  a_t = exp(delta_t A),   b_t = delta_t x_t B_t,   delta_t = softplus(dt_t + dt_bias) (or dt_t + dt_bias),
+
+composes them along the token axis with `tl.associative_scan` under (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2),
+and applies the composite to the state carried in from the previous chunk: h_t = B_t' + A_t' h_carry. The
+carry to the next chunk is the composite at the chunk's last token applied to the carry, a multiply-add that
+does not wait for the scan of the next chunk, so the loop-carried dependency is one FMA per chunk.
+y_t = (C_t . h_t + D x_t) silu(z_t). Tokens past L load as zeros with delta = 0, i.e. a = 1, b = 0: the
+carry passes through them unchanged.
+
+Backward, chunks in reverse, tiles [LC_bwd, N, block_d_bwd]: the forward (when differentiated) writes the
+state before every LC_bwd-th token (fp32 checkpoints); the backward recomputes a chunk's states from its
+checkpoint with the forward scan, then the state cotangents by a reverse scan
+
+  dh_t = C_t dp_t + a_{t+1} dh_{t+1},   dp_t = dy_t silu(z_t),
+
+where a_{t+1} is recomputed from dt loaded at t + 1 (so no tile is shifted; a = 1 past L), the chunk's last
+token takes the next chunk's first token's decay and the carried dh, and d(final state) enters as the carry
+of the last chunk. With a_t h_{t-1} = h_t - b_t (no division, no shift):
+
+  dA     += dh_t (h_t - b_t) delta_t             ddelta_t = sum_n dh_t ((h_t - b_t) A + B_t x_t)
+  dx_t    = D dp_t + delta_t sum_n dh_t B_t      dB_t = sum_d dh_t delta_t x_t,   dC_t = sum_d dp_t h_t
+  dD     += dp_t x_t                             d(dt) = ddelta sigmoid(dt + dt_bias) (with softplus)
+  d(initial state) = a_0 dh_0
+
+dB/dC sum over channels that live in different programs: each program writes its partial
+[B, L, Dm / block_d_bwd, N] fp32 and a jnp sum finishes it (deterministic, no atomics); dA, dD and d(dt_bias)
+are per (batch row, channel) partials summed over the batch the same way.
+
+Shapes: x/dt/z [B, L, Dm], A [Dm, N], B/C [B, L, G, N] (channel d reads group d // (Dm / G)), D/dt_bias [Dm],
+states [B, Dm, N] fp32. N need not be a power of two: tiles pad it to NP and mask (A = 0, B = C = 0 there).
+
+This module imports triton at the top: import it only where triton is installed (api.py does so for
+impl="triton", after checking for jax-triton and a GPU). jax_triton is imported at launch.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+from jax.experimental import pallas as pl
+from triton.language.extra import libdevice
+
+from kernels.selective_scan.triton_config import BlockSizes
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """What the kernels specialise on besides shapes and tiles."""
+
+  dt_softplus: bool
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  has_initial_state: bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers inlined into the kernels. Tiles are [LC, NP, BD] (token, state, channel), rows [LC, BD], B/C [LC, NP],
+# states [NP, BD]. Triton's default layout spreads a tile's last axes over a warp's lanes and keeps the first in
+# each thread: tokens in the thread make the scans along them sequential in registers (no shuffles), and the
+# sums over N for y cross few lanes. (Token-last tiles compiled to ~20 shuffles per element, token-first ~1.)
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+  """Composes h -> a1 h + b1 (earlier) with h -> a2 h + b2 (later). Scanned over flipped tokens it gives the
+  reverse recurrence S_t = b_t + a_t S_{t+1}."""
+  return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _row(v, j, LC: tl.constexpr):
+  """v [LC, X, Y] at token j, as [X, Y]: a masked sum (in registers: tokens are per thread), since tiles cannot
+  be indexed."""
+  return tl.sum(tl.where((tl.arange(0, LC) == j)[:, None, None], v, 0.0), axis=0)
+
+
+@triton.jit
+def _discretize(u, SOFTPLUS: tl.constexpr):
+  """delta from u = dt + dt_bias: softplus in the overflow-free form jax.nn.softplus uses, or u itself."""
+  if SOFTPLUS:
+    delta = tl.maximum(u, 0.0) + libdevice.log1p(tl.exp(-tl.abs(u)))
+  else:
+    delta = u
+  return delta
+
+
+@triton.jit
+def _sigmoid(u):
+  return 1.0 / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def _load_rows(ptr, offsets, mask):
+  return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decays(dt_ptr, offsets, mask, bias, A, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+  """(u = dt + dt_bias, delta, a = exp(delta A)) of the tokens at offsets: [LC, BD], [LC, BD], [LC, NP, BD].
+  delta is 0 where mask is off (past L), so a = 1 and b = delta x B = 0 there."""
+  u = _load_rows(dt_ptr, offsets, mask)
+  if HAS_BIAS:
+    u = u + bias[None, :]
+  delta = tl.where(mask, _discretize(u, SOFTPLUS), 0.0)
+  return u, delta, tl.exp(delta[:, None, :] * A[None, :, :])
+
+
+@triton.jit
+def _program(BD: tl.constexpr, NP: tl.constexpr, L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr,
+             N: tl.constexpr):
+  """This program's channel block, batch row, channels dd [BD] and state indices nn [NP]; the int64 offsets of
+  its batch row in [B, L, Dm] and of its B/C group in [B, L, G, N] (B * L * Dm passes 2^31 at long sequences:
+  the kernels add these to their pointers once, so tile offsets stay int32); and the offsets and mask of its
+  block of a [B, Dm, N] state, as [NP, BD] tiles."""
+  block, row = tl.program_id(0), tl.program_id(1)
+  dd = block * BD + tl.arange(0, BD)
+  nn = tl.arange(0, NP)
+  group = block * BD // (DM // G)
+  seq_base = row.to(tl.int64) * L * DM
+  bc_base = row.to(tl.int64) * L * G * N + group * N
+  state_offsets = (row * DM + dd)[None, :].to(tl.int64) * N + nn[:, None]
+  state_mask = (nn < N)[:, None] & (dd < DM)[None, :]
+  return block, row, dd, nn, seq_base, bc_base, state_offsets, state_mask
+
+
+@triton.jit
+def _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_D: tl.constexpr):
+  """A [NP, BD] (0 in the padded states), dt_bias and D [BD] of the channels dd, fp32 (zeros when absent)."""
+  A = tl.load(a_ptr + dd[None, :] * N + nn[:, None], mask=state_mask, other=0.0).to(tl.float32)
+  if HAS_BIAS:
+    bias = tl.load(bias_ptr + dd).to(tl.float32)
+  else:
+    bias = tl.zeros(dd.shape, tl.float32)
+  if HAS_D:
+    d_skip = tl.load(d_ptr + dd).to(tl.float32)
+  else:
+    d_skip = tl.zeros(dd.shape, tl.float32)
+  return A, bias, d_skip
+
+
+@triton.jit
+def _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn,
+                L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+  """A chunk's tokens t [LC], the pointers at this program's batch row: row offsets and mask [LC, BD],
+  x, u, delta [LC, BD], B, C [LC, NP] and the update h -> a h + b as a, b [LC, NP, BD], all fp32 (zeros past L,
+  a = 1)."""
+  tmask = t < L
+  offsets = t[:, None] * DM + dd[None, :]
+  mask = tmask[:, None] & (dd < DM)[None, :]
+  bc_offsets = t[:, None] * (G * N) + nn[None, :]
+  bc_mask = tmask[:, None] & (nn < N)[None, :]
+  x = _load_rows(x_ptr, offsets, mask)
+  u, delta, a = _decays(dt_ptr, offsets, mask, bias, A, SOFTPLUS, HAS_BIAS)
+  bm = _load_rows(b_ptr, bc_offsets, bc_mask)
+  cm = _load_rows(c_ptr, bc_offsets, bc_mask)
+  b = (delta * x)[:, None, :] * bm[:, :, None]
+  return offsets, mask, x, u, delta, bm, cm, a, b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels: grid (Dm / BD, B). Absent optional inputs and outputs are one-element placeholders, never touched.
+
+
+@triton.jit
+def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, h0_ptr,
+                    y_ptr, final_ptr, states_ptr,
+                    L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                    BD: tl.constexpr, LC: tl.constexpr, NC: tl.constexpr, CK: tl.constexpr, NCK: tl.constexpr,
+                    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr):
+  """y and the final state, walking NC chunks of LC; with SAVE_STATES also states[b, k] = the state before
+  token k * CK, [B, NCK, Dm, N] fp32."""
+  # Every unpacked value gets its own name: Triton would carry a reused `_` through the loop with changing types.
+  _block, row, dd, nn, seq_base, bc_base, state_offsets, state_mask = _program(BD, NP, L, DM, G, N)
+  A, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
+  x_ptr, dt_ptr, z_ptr, y_ptr = x_ptr + seq_base, dt_ptr + seq_base, z_ptr + seq_base, y_ptr + seq_base
+  b_ptr, c_ptr = b_ptr + bc_base, c_ptr + bc_base
+  # Checkpoint k of this batch row: states_ptr + k * DM * N + d * N + n.
+  states_ptr += row.to(tl.int64) * NCK * DM * N
+  if HAS_H0:
+    h = tl.load(h0_ptr + state_offsets, mask=state_mask, other=0.0)
+  else:
+    h = tl.zeros((NP, BD), tl.float32)
+  ll = tl.arange(0, LC)
+  state_tile = nn[:, None] + dd[None, :] * N  # [NP, BD] offsets of this block in one [Dm, N] state
+  if SAVE_STATES:
+    if CK != LC:
+      tl.store(states_ptr + state_tile, h, mask=state_mask)
+  for i in range(0, NC):
+    if SAVE_STATES:
+      if CK == LC:
+        # Checkpoints at chunk starts: the carry is the checkpoint.
+        tl.store(states_ptr + i * (DM * N) + state_tile, h, mask=state_mask)
+    t = i * LC + ll
+    offsets, mask, x, _u, _delta, _bm, cm, a, b = _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn, L,
+                                                              DM, G, N, SOFTPLUS, HAS_BIAS)
+    scan_a, scan_b = tl.associative_scan((a, b), 0, _combine)
+    states = scan_b + scan_a * h[None, :, :]  # the state after each token
+    y = tl.sum(states * cm[:, :, None], axis=1)
+    if HAS_D:
+      y += d_skip[None, :] * x
+    if HAS_Z:
+      z = _load_rows(z_ptr, offsets, mask)
+      y = y * z * _sigmoid(z)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_STATES:
+      if CK != LC:
+        # The state after token t is checkpoint (t + 1) / CK when CK divides t + 1 (and t + 1 < L): checkpoints
+        # that do not fall on chunk starts, written by a masked store of the per-token states.
+        after = t + 1
+        keep = ((after % CK) == 0) & (after < L)
+        tl.store(states_ptr + (after // CK)[:, None, None] * (DM * N) + state_tile[None, :, :], states,
+                 mask=keep[:, None, None] & state_mask[None, :, :])
+    # The carry: the chunk's composite applied to the incoming state, independent of `states` above.
+    h = _row(scan_b, LC - 1, LC) + _row(scan_a, LC - 1, LC) * h
+  tl.store(final_ptr + state_offsets, h, mask=state_mask)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr, dfinal_ptr,
+                     dx_ptr, ddt_ptr, dz_ptr, da_ptr, db_ptr, dc_ptr, dskip_ptr, dbias_ptr, dh0_ptr,
+                     L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                     BD: tl.constexpr, LC: tl.constexpr, NCK: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_H0: tl.constexpr):
+  """Gradients of one channel block, chunks of LC (the checkpoint interval, NCK chunks) in reverse.
+
+  Outputs: dx, ddt, dz [B, L, Dm]; per (batch row, channel) partials dA [B, Dm, N], dD, d(dt_bias) [B, Dm];
+  per (batch row, channel block) partials of dB, dC [B, L, Dm / BD, N]; d(initial state) [B, Dm, N].
+  """
+  block, row, dd, nn, seq_base, bc_base, state_offsets, state_mask = _program(BD, NP, L, DM, G, N)
+  A, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
+  x_ptr, dt_ptr, z_ptr, dy_ptr = x_ptr + seq_base, dt_ptr + seq_base, z_ptr + seq_base, dy_ptr + seq_base
+  dx_ptr, ddt_ptr, dz_ptr = dx_ptr + seq_base, ddt_ptr + seq_base, dz_ptr + seq_base
+  b_ptr, c_ptr = b_ptr + bc_base, c_ptr + bc_base
+  states_ptr += row.to(tl.int64) * NCK * DM * N
+  # This program's dB/dC partials: [B, L, DM / BD, N] at (row, t, block, n).
+  partial_base = row.to(tl.int64) * L * (DM // BD) * N + block * N
+  db_ptr, dc_ptr = db_ptr + partial_base, dc_ptr + partial_base
+  ll = tl.arange(0, LC)
+  dh = tl.load(dfinal_ptr + state_offsets, mask=state_mask, other=0.0)  # cotangent of the carried state
+  da = tl.zeros((NP, BD), tl.float32)
+  dskip = tl.zeros((BD,), tl.float32)
+  dbias = tl.zeros((BD,), tl.float32)
+  for j in range(0, NCK):
+    i = NCK - 1 - j
+    t = i * LC + ll
+    offsets, mask, x, u, delta, bm, cm, a, b = _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn, L,
+                                                           DM, G, N, SOFTPLUS, HAS_BIAS)
+    h_start = tl.load(states_ptr + i * (DM * N) + nn[:, None] + dd[None, :] * N, mask=state_mask, other=0.0)
+    scan_a, scan_b = tl.associative_scan((a, b), 0, _combine)
+    h = scan_b + scan_a * h_start[None, :, :]
+    dy = _load_rows(dy_ptr, offsets, mask)
+    if HAS_Z:
+      z = _load_rows(z_ptr, offsets, mask)
+      sig = _sigmoid(z)
+      y_pre = tl.sum(h * cm[:, :, None], axis=1)
+      if HAS_D:
+        y_pre += d_skip[None, :] * x
+      tl.store(dz_ptr + offsets, (dy * y_pre * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+               mask=mask)
+      dp = dy * z * sig
+    else:
+      dp = dy
+    # a_{t+1}: dt loaded at t + 1; past L the mask gives a = 1.
+    next_offsets = offsets + DM
+    next_mask = (t + 1 < L)[:, None] & (dd < DM)[None, :]
+    _u_next, _delta_next, a_next = _decays(dt_ptr, next_offsets, next_mask, bias, A, SOFTPLUS, HAS_BIAS)
+    # The reverse scan as flip, forward scan, flip: tokens are per thread, so the flips only rename registers,
+    # where reverse=True compiled to ~20 shuffles per element.
+    rev_a, rev_b = tl.associative_scan((tl.flip(a_next, 0), tl.flip(cm[:, :, None] * dp[:, None, :], 0)), 0,
+                                       _combine)
+    rev_a, rev_b = tl.flip(rev_a, 0), tl.flip(rev_b, 0)
+    dh_all = rev_b + rev_a * dh[None, :, :]  # dh_t, the cotangent of the state after token t
+    dh = _row(rev_b, 0, LC) + _row(rev_a, 0, LC) * dh
+    decayed = h - b  # a_t h_{t-1}
+    da += tl.sum(dh_all * decayed * delta[:, None, :], axis=0)
+    bx = x[:, None, :] * bm[:, :, None]  # B_t x_t
+    ddelta = tl.sum(dh_all * (decayed * A[None, :, :] + bx), axis=1)
+    dx = delta * tl.sum(dh_all * bm[:, :, None], axis=1)
+    if HAS_D:
+      dx += d_skip[None, :] * dp
+      dskip += tl.sum(dp * x, axis=0)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if SOFTPLUS:
+      du = ddelta * _sigmoid(u)
+    else:
+      du = ddelta
+    # Past L, dh_t is the carried cotangent, not zero: keep those tokens out of the sums over t.
+    du = tl.where(mask, du, 0.0)
+    tl.store(ddt_ptr + offsets, du.to(ddt_ptr.dtype.element_ty), mask=mask)
+    dbias += tl.sum(du, axis=0)
+    partial_offsets = t[:, None] * ((DM // BD) * N) + nn[None, :]  # [LC, NP]
+    partial_mask = (t < L)[:, None] & (nn < N)[None, :]
+    tl.store(db_ptr + partial_offsets, tl.sum(dh_all * (delta * x)[:, None, :], axis=2), mask=partial_mask)
+    tl.store(dc_ptr + partial_offsets, tl.sum(dp[:, None, :] * h, axis=2), mask=partial_mask)
+  tl.store(da_ptr + state_offsets, da, mask=state_mask)
+  channel_offsets = row * DM + dd
+  if HAS_D:
+    tl.store(dskip_ptr + channel_offsets, dskip)
+  if HAS_BIAS:
+    tl.store(dbias_ptr + channel_offsets, dbias)
+  if HAS_H0:
+    # h_0 = a_0 h_init + b_0: the initial state's cotangent is a_0 dh_0.
+    u0 = tl.load(dt_ptr + dd).to(tl.float32)
+    if HAS_BIAS:
+      u0 += bias
+    a0 = tl.exp(_discretize(u0, SOFTPLUS)[None, :] * A)
+    tl.store(dh0_ptr + state_offsets, a0 * dh, mask=state_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JAX side.
+
+
+def _launch(kernel, inputs, outputs, *, grid, num_warps, num_stages, **constexprs):
+  """jax_triton.triton_call with the inputs, then the outputs (ShapeDtypeStructs) as the kernel's pointers."""
+  import jax_triton as jt  # noqa: PLC0415 (here, not at the top: api.py checks that it is installed first)
+
+  return jt.triton_call(*inputs, kernel=kernel, out_shape=outputs, grid=grid, num_warps=num_warps,
+                        num_stages=num_stages, **constexprs)
+
+
+# An absent optional input or output fills its pointer slot with one element the kernel never reads or writes.
+_PLACEHOLDER = jax.ShapeDtypeStruct((1,), f32)
+
+
+def _or_placeholder(array):
+  return jnp.zeros((1,), f32) if array is None else array
+
+
+def _sizes(x, b, st: Static) -> dict:
+  """The constexprs both kernels take."""
+  _, length, dm = x.shape
+  groups, n = b.shape[2], b.shape[3]
+  return dict(L=length, DM=dm, G=groups, N=n, NP=pl.next_power_of_2(n), SOFTPLUS=st.dt_softplus,
+              HAS_D=st.has_d, HAS_Z=st.has_z, HAS_BIAS=st.has_bias, HAS_H0=st.has_initial_state)
+
+
+def forward(x, dt, a, b, c, d, z, dt_bias, h0, *, st: Static, blocks: BlockSizes, save_states: bool):
+  """x/dt/z [B, L, Dm], a [Dm, N], b/c [B, L, G, N], d/dt_bias [Dm], h0 [B, Dm, N] fp32 (absent ones None)
+  -> y [B, L, Dm] (x.dtype), the final state [B, Dm, N] fp32 and, if save_states, the state before every
+  blocks.chunk_bwd-th token, [B, ceil(L / chunk_bwd), Dm, N] fp32 (else None)."""
+  batch, length, dm = x.shape
+  n = a.shape[1]
+  num_checkpoints = -(-length // blocks.chunk_bwd)
+  outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, dm, n), f32),
+             jax.ShapeDtypeStruct((batch, num_checkpoints, dm, n), f32) if save_states else _PLACEHOLDER]
+  inputs = [x, dt, a, b, c] + [_or_placeholder(v) for v in (d, z, dt_bias, h0)]
+  y, final, states = _launch(_forward_kernel, inputs, outputs, grid=(dm // blocks.block_d, batch),
+                             num_warps=blocks.num_warps, num_stages=blocks.num_stages, **_sizes(x, b, st),
+                             BD=blocks.block_d, LC=blocks.chunk, NC=-(-length // blocks.chunk),
+                             CK=blocks.chunk_bwd, NCK=num_checkpoints, SAVE_STATES=save_states)
+  return y, final, (states if save_states else None)
+
+
+def backward(x, dt, a, b, c, d, z, dt_bias, h0, states, dy, dfinal, *, st: Static, blocks: BlockSizes):
+  """Gradients of every input of `forward` from its checkpoint states, dy [B, L, Dm] (x.dtype) and
+  dfinal [B, Dm, N] fp32 -> (dx, ddt, da, db, dc, dd, dz, ddt_bias, dh0) in the primal dtypes (None for
+  absent inputs); db/dc [B, L, G, N]."""
+  batch, length, dm = x.shape
+  groups, n = b.shape[2], b.shape[3]
+  bd = blocks.block_d_bwd
+  num_blocks = dm // bd
+  seq_like = lambda like: jax.ShapeDtypeStruct(x.shape, like.dtype)
+  per_channel = jax.ShapeDtypeStruct((batch, dm), f32)
+  partial_bc = jax.ShapeDtypeStruct((batch, length, num_blocks, n), f32)
+  state = jax.ShapeDtypeStruct((batch, dm, n), f32)
+  outputs = [seq_like(x), seq_like(dt), seq_like(z) if st.has_z else _PLACEHOLDER, state, partial_bc, partial_bc,
+             per_channel if st.has_d else _PLACEHOLDER, per_channel if st.has_bias else _PLACEHOLDER,
+             state if st.has_initial_state else _PLACEHOLDER]
+  inputs = [x, dt, a, b, c] + [_or_placeholder(v) for v in (d, z, dt_bias)] + [states, dy, dfinal]
+  dx, ddt, dz, da, db_part, dc_part, dd, dbias, dh0 = _launch(
+      _backward_kernel, inputs, outputs, grid=(num_blocks, batch), num_warps=blocks.num_warps_bwd,
+      num_stages=blocks.num_stages, **_sizes(x, b, st), BD=bd, LC=blocks.chunk_bwd, NCK=states.shape[1])
+  # Each group's B/C row was read by the Dm / G / bd blocks of that group; their partial sums add up here.
+  group_sum = lambda part, like: part.reshape(batch, length, groups, num_blocks // groups, n).sum(3).astype(
+      like.dtype)
+  batch_sum = lambda part, like: None if like is None else part.sum(0).astype(like.dtype)
+  return (dx, ddt, batch_sum(da, a), group_sum(db_part, b), group_sum(dc_part, c), batch_sum(dd, d),
+          dz if st.has_z else None, batch_sum(dbias, dt_bias), dh0.astype(h0.dtype) if st.has_initial_state else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _scan(x, dt, a, b, c, d, z, dt_bias, h0, st, blocks):
+  y, final, _ = forward(x, dt, a, b, c, d, z, dt_bias, h0, st=st, blocks=blocks, save_states=False)
+  return y, final
+
+
+def _scan_fwd(x, dt, a, b, c, d, z, dt_bias, h0, st, blocks):
+  inputs = (x, dt, a, b, c, d, z, dt_bias, h0)
+  y, final, states = forward(*inputs, st=st, blocks=blocks, save_states=True)
+  return (y, final), (inputs, states)
+
+
+def _scan_bwd(st, blocks, residuals, cotangents):
+  inputs, states = residuals
+  dy, dfinal = cotangents
+  return backward(*inputs, states, dy.astype(inputs[0].dtype), dfinal.astype(f32), st=st, blocks=blocks)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, blocks: BlockSizes):
+  """The op behind `api.selective_scan(..., impl="triton")` on validated inputs and tiles (blocks fitted to
+  Dm / G): x/dt/z [B, L, Dm], A [Dm, N], B/C [B, L, N] or [B, L, G, N], D/dt_bias [Dm], initial_state
+  [B, Dm, N] (absent ones None) -> (y [B, L, Dm] in x.dtype, final state [B, Dm, N] fp32)."""
+  B = B[:, :, None, :] if B.ndim == 3 else B
+  C = C[:, :, None, :] if C.ndim == 3 else C
+  st = Static(dt_softplus=dt_softplus, has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
+              has_initial_state=initial_state is not None)
+  h0 = None if initial_state is None else initial_state.astype(f32)
+  return _scan(x, dt, A, B, C, D, z, dt_bias, h0, st, blocks)
