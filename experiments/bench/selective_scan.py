@@ -9,7 +9,7 @@ as Mamba keeps its parameters), with D, z, dt_bias and softplus. Implementations
               an entry S:field=value:... also sets other BlockSizes fields, e.g. 512:num_warps=2:block_d=8)
   triton      kernels.selective_scan(impl="triton"), the chunk-parallel Triton-language kernels (jax-triton)
   triton[S]   the same with triton_config.BlockSizes(**S) for each --triton_blocks entry S, e.g.
-              block_d=8:chunk=32:block_d_bwd=8:chunk_bwd=32
+              block_d=8:chunk=8:block_d_bwd=16:chunk_bwd=8:num_warps_bwd=2:atomic_bc=1
   xla         kernels.selective_scan(impl="xla"), the chunked jnp reference
   assoc_scan  jax.lax.associative_scan over the full [B, L, Dm, N] state history (the textbook JAX baseline)
   mamba_ssm   mamba_ssm's CUDA kernels (csrc/selective_scan), built with torch.utils.cpp_extension.load when
@@ -108,8 +108,9 @@ def _triton(blocks=None):
 
 
 def _triton_blocks(spec: str) -> TritonBlockSizes:
-  """'block_d=8:chunk=32' -> TritonBlockSizes(block_d=8, chunk=32)."""
-  return TritonBlockSizes(**{k: int(v) for k, v in (field.split("=") for field in spec.split(":"))})
+  """'block_d=8:chunk=32:atomic_bc=1' -> TritonBlockSizes(block_d=8, chunk=32, atomic_bc=True)."""
+  fields = dict(field.split("=") for field in spec.split(":"))
+  return TritonBlockSizes(**{k: bool(int(v)) if k == "atomic_bc" else int(v) for k, v in fields.items()})
 
 
 def _segmented_blocks(spec: str) -> BlockSizes:

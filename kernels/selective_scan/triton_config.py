@@ -7,9 +7,19 @@ build and validate `BlockSizes` on any machine, and only a GPU run imports the k
 import dataclasses
 
 # State elements (padded N x block_d) per token of a forward tile in the defaults: 64, so a [chunk, N, block_d]
-# tile holds 1K fp32 values at chunk = 16, 32 registers per thread per live tile at 1 warp. The backward keeps
-# about twice as many live tiles and takes 4x the elements over 4 warps (255 registers, no spills, at N = 16).
+# tile holds 1K fp32 values at chunk = 16, 32 registers per thread per live tile at 1 warp.
 _DEFAULT_STATE_ELEMENTS = 64
+# The backward's: 128 (block_d_bwd = 8 at N = 16) with chunk_bwd = 8 and 1 warp, also 32 values per thread per
+# tile. Triton spreads a tile's channels over lanes first and the states over the rest, so the tile shape decides
+# the cost of the sums over channels (dB, dC) and over states (y, dx, d(delta)). Compiled for sm_90 (B=4,
+# L=8K, Dm=1536, N=16, per tile element): 7.6 shuffles, 2.4 shared-memory accesses, 28 FP32 instructions, 254
+# registers, no spills (bf16: 32 bytes), against 11.2 / 6.6 / 36.8 and 255 registers (bf16: 188 bytes of
+# spills) for the former 16 channels x 16 tokens over 4 warps, whose state sums crossed warps through shared
+# memory. Wider blocks on 2-8 warps or 16 tokens need 9-15 shuffles or spill; 4 tokens or 4 channels cut
+# registers (150-170) but double the checkpoints or the dB/dC partials ([B, L, Dm / block_d_bwd, N] fp32).
+# Not yet timed: its 768 one-warp programs (B=4, Dm=1536) all fit on the GPU at once (8 per SM at 254
+# registers), but that is half the former's warps, about 1.5 per scheduler.
+_DEFAULT_STATE_ELEMENTS_BWD = 128
 
 
 def _power_of_two(value) -> bool:
@@ -30,21 +40,24 @@ class BlockSizes:
   chunk: int = 16  # tokens per forward tile (scanned in parallel)
   num_warps: int = 1
   num_stages: int = 2  # software pipelining of the chunk loop's loads (1: none)
-  # Backward: more live tiles (states, their cotangents, decays at t and t + 1), and dB/dC are written as one
-  # fp32 partial per program and channel block ([B, L, Dm / block_d_bwd, N]), so a wider block_d halves that
-  # traffic; chunk_bwd is also the checkpoint interval ([B, ceil(L / chunk_bwd), Dm, N] fp32 saved states).
-  block_d_bwd: int = 16
-  chunk_bwd: int = 16
-  num_warps_bwd: int = 4
+  # Backward: more live tiles (states, decays, the reverse scan and the state cotangents), and dB/dC are written
+  # as one fp32 partial per program and channel block ([B, L, Dm / block_d_bwd, N]), so a wider block_d halves
+  # that traffic; chunk_bwd is also the checkpoint interval ([B, ceil(L / chunk_bwd), Dm, N] fp32 saved states).
+  block_d_bwd: int = 8
+  chunk_bwd: int = 8
+  num_warps_bwd: int = 1
+  # dB/dC by fp32 atomic adds into one [B, L, G, N] buffer instead of the deterministic per-block partials (not
+  # bitwise reproducible: the order of the additions varies from run to run).
+  atomic_bc: bool = False
 
   @classmethod
   def get_default(cls, padded_state_size: int = 16) -> "BlockSizes":
     """The field defaults, chosen for B=4, L=8K, Dm=1536, N=16 on an H200 (1536 forward programs; tiles picked
-    by compiling for sm_90 and counting registers, shuffles and shared-memory traffic per element, not yet by
-    timing), with block_d scaled so that block_d x N stays at 64 (forward) and 256 (backward) state elements
-    for other N (a power of two). `experiments/bench/selective_scan.py --triton_blocks` times alternatives."""
+    by compiling for sm_90 and counting registers, shuffles and shared-memory traffic per element; the forward's
+    also by timing), with block_d scaled so that block_d x N stays at 64 (forward) and 128 (backward) state
+    elements for other N (a power of two). `experiments/bench/selective_scan.py --triton_blocks` times alternatives."""
     return cls(block_d=max(1, _DEFAULT_STATE_ELEMENTS // padded_state_size),
-               block_d_bwd=max(1, 4 * _DEFAULT_STATE_ELEMENTS // padded_state_size))
+               block_d_bwd=max(1, _DEFAULT_STATE_ELEMENTS_BWD // padded_state_size))
 
   def fitted(self, channels_per_group: int) -> "BlockSizes":
     """Halves block_d and block_d_bwd until they divide Dm / G, so a program's channels share one B/C group."""
@@ -58,6 +71,8 @@ class BlockSizes:
         raise ValueError(f"block_sizes.{name}={getattr(self, name)!r} is not valid; it must be a power of two")
     if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
       raise ValueError(f"block_sizes.num_stages={self.num_stages!r} is not valid; it must be a positive int")
+    if not isinstance(self.atomic_bc, bool):
+      raise ValueError(f"block_sizes.atomic_bc={self.atomic_bc!r} is not valid; it must be a bool")
     for name in ("block_d", "block_d_bwd"):
       if channels_per_group % getattr(self, name):
         raise ValueError(f"block_sizes.{name}={getattr(self, name)} is not valid; it must divide "
