@@ -13,6 +13,11 @@ Memory is the compiled step's own account (arguments + outputs + temporaries - d
 memory analysis): unlike the allocator's peak it is per program, so rows do not inherit earlier rows' peaks.
 Writes scaling.json, scaling.md and (with matplotlib) scaling.png.
 
+With --longest_bisect, each variant whose timed lengths ended by running out of memory or by running out of
+lengths is searched further for the longest T whose compiled step fits the device: only compiled (XLA's memory
+analysis), never run, so a search is minutes even where a step at that length would take seconds. Those lengths
+are rows with status "fits" or "too big" and make the table's last column.
+
 A sweep split over several GPUs or time-limited calls comes together with --merge_from: the rows of earlier
 scaling.json files (same model and lengths) are taken as measured, only the other variants run, and the table
 and plot cover all of them, e.g. `--merge_from=run0/scaling.json,run1/scaling.json` with nothing left to run
@@ -55,6 +60,12 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
   flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
   flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
+  flags.DEFINE_integer("longest_bisect", 0, "After a variant's timed lengths, search the longest T whose compiled "
+                       "step fits the device (doubling past the last length that ran, then this many bisection steps; "
+                       "compile only, nothing runs). 0: no search.")
+  flags.DEFINE_integer("longest_max", 1 << 22, "Upper end of the longest-T search.")
+  flags.DEFINE_float("memory_limit_gib", 0.0, "Device memory the search measures against (0: the device's own "
+                     "allocator limit; CPU devices report none, so tests set one).")
   flags.DEFINE_list("merge_from", [], "Earlier scaling.json files whose variants are taken as measured "
                     "(same model and lengths); only the other variants run.")
   flags.DEFINE_multi_string(
@@ -89,7 +100,8 @@ GPU_DEFAULTS = {"full": {"impl": "xla"}, "sliding_window": {"impl": "pallas"},
 class Row:
   variant: str
   seq_len: int
-  status: str  # "ok", "oom", "slow" (a shorter length already took longer than --max_step_s) or "error: ..."
+  status: str  # "ok", "oom", "slow" (a shorter length already took longer than --max_step_s), "error: ...";
+  # from the longest-T search: "fits" / "too big" (compiled memory within / over the device's)
   step_ms: float | None = None
   tokens_per_s: float | None = None
   memory_gib: float | None = None
@@ -186,11 +198,82 @@ def scan_variant(
   return rows
 
 
+def compiled_memory(variant: str, seq_len: int, options: dict[str, object], size: ModelSize) -> float:
+  """GiB the compiled training step at seq_len needs (XLA's memory analysis); inf where compiling runs out."""
+  step, params, opt_state, rest = make_step(model_config(variant, seq_len, options, size))
+  tokens = jax.ShapeDtypeStruct((size.batch_size, seq_len + 1), jnp.int32)
+  try:
+    memory = program_bytes(step.lower(params, opt_state, rest, tokens).compile())
+  except Exception as error:  # noqa: BLE001 - out of memory while compiling is a "does not fit"
+    if not is_out_of_memory(error):
+      raise
+    return float("inf")
+  finally:
+    jax.clear_caches()
+  return float("inf") if memory is None else memory / 2**30
+
+
+def search_longest(
+    variant: str, rows: list[Row], memory_gib: Callable[[int], float], limit_gib: float, max_len: int,
+    bisect: int, unit: int = 1024,
+) -> list[Row]:
+  """Rows "fits" / "too big" for lengths past the last timed one that ran: doubling until the compiled step needs
+  more than limit_gib (or max_len), then `bisect` halvings of the gap on multiples of `unit`. A timed length that
+  ran out of memory is the first "too big" already; a variant stopped for time ("slow") or by an error is not
+  searched (memory is not its wall)."""
+  ran = [r.seq_len for r in rows if r.status == "ok"]
+  if not ran or any(r.status == "slow" or r.status.startswith("error") for r in rows):
+    return []
+  good = max(ran)
+  bad = min((r.seq_len for r in rows if r.status == "oom" and r.seq_len > good), default=None)
+  found: list[Row] = []
+
+  def fits(seq_len: int) -> bool:
+    needed = memory_gib(seq_len)
+    ok = needed <= limit_gib
+    found.append(Row(variant, seq_len, "fits" if ok else "too big", memory_gib=None if needed == float("inf")
+                     else needed))
+    print(f"{variant:>15} T={seq_len:>7}: {found[-1].status} ({needed:.2f} of {limit_gib:.2f} GiB)", flush=True)
+    return ok
+
+  while bad is None and good * 2 <= max_len:
+    if fits(good * 2):
+      good *= 2
+    else:
+      bad = good * 2
+  for _ in range(bisect if bad else 0):
+    middle = (good + bad) // 2 // unit * unit
+    if middle in (good, bad):
+      break
+    if fits(middle):
+      good = middle
+    else:
+      bad = middle
+  return found
+
+
+def _longest(rows: list[Row], variant: str) -> str:
+  """Table cell: the longest length known to fit (ran, or compiled within memory) and the first known not to."""
+  fitting = [r.seq_len for r in rows if r.variant == variant and r.status in ("ok", "fits")]
+  too_big = [r.seq_len for r in rows if r.variant == variant and r.status in ("oom", "too big")]
+  if not any(r.variant == variant and r.status in ("fits", "too big") for r in rows) or not fitting:
+    return ""
+  good = max(fitting)
+  bad = min((t for t in too_big if t > good), default=None)
+  return f"{_length(good)}" + (f" ({_length(bad)} does not)" if bad else " (search limit)")
+
+
+def _length(t: int) -> str:
+  return f"{t // 1024}K" if t % 1024 == 0 else str(t)
+
+
 def markdown(rows: list[Row], lengths: list[int], model: str) -> str:
   """One table: variants down, lengths across, each cell 'step ms / memory'."""
+  searched = any(r.status in ("fits", "too big") for r in rows)
   header = f"Model: {model}.\n\n"
-  header += "| variant | " + " | ".join(f"T={t // 1024}K" if t >= 1024 else f"T={t}" for t in lengths) + " |"
-  lines = [header, "|---" * (len(lengths) + 1) + "|"]
+  header += "| variant | " + " | ".join(f"T={t // 1024}K" if t >= 1024 else f"T={t}" for t in lengths)
+  header += " | longest T that fits |" if searched else " |"
+  lines = [header, "|---" * (len(lengths) + 1 + searched) + "|"]
   for variant in dict.fromkeys(row.variant for row in rows):
     cells = []
     for t in lengths:
@@ -201,8 +284,14 @@ def markdown(rows: list[Row], lengths: list[int], model: str) -> str:
         cells.append(f"{row.step_ms:.1f} ms" + (f" / {_size(row.memory_gib)}" if row.memory_gib is not None else ""))
       else:
         cells.append(row.status)
+    if searched:
+      cells.append(_longest(rows, variant))
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n\nCells: median training-step time / compiled step memory; oom = does not fit."
+  note = "\n\nCells: median training-step time / compiled step memory; oom = does not fit."
+  if searched:
+    note += (" Longest T that fits: the longest length whose compiled training step fits the device's memory by "
+             "XLA's account (searched by compiling only).")
+  return "\n".join(lines) + note
 
 
 def _size(gib: float) -> str:
@@ -249,7 +338,7 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
   for path in paths:
     with open(path) as f:
       saved = json.load(f)
-    their_lengths = sorted({r["seq_len"] for r in saved["rows"]})
+    their_lengths = sorted({r["seq_len"] for r in saved["rows"] if r["status"] not in ("fits", "too big")})
     if saved["environment"].get("model") != model or not set(their_lengths) <= set(lengths):
       raise ValueError(f"--merge_from file {path} is not valid here: it measured model "
                        f"{saved['environment'].get('model')!r} at lengths {their_lengths}, this run {model!r} at "
@@ -292,7 +381,16 @@ def main(argv):
     options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
     measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
                                        max_step_s=FLAGS.max_step_s)
-    rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
+    timed = scan_variant(name, lengths, measure_length, FLAGS.max_step_s)
+    rows.extend(timed)
+    if FLAGS.longest_bisect:
+      limit = FLAGS.memory_limit_gib or (device_memory_limit() or 0) / 2**30
+      if not limit:
+        raise app.UsageError("--longest_bisect needs a memory limit: this device reports none; set "
+                             "--memory_limit_gib")
+      memory_gib = functools.partial(compiled_memory, name, options=options, size=size)
+      # The same rule as the timed rows' "oom": XLA's account of the compiled step against the device's limit.
+      rows.extend(search_longest(name, timed, memory_gib, limit, FLAGS.longest_max, FLAGS.longest_bisect))
     env = environment()
     if merged_env is not None:
       if merged_env["device"] != env["device"]:

@@ -35,20 +35,23 @@ def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path
   common = [sys.executable, "-m", "experiments.scaling", "--lengths=16,32", "--width=32", "--num_layers=1",
             "--num_heads=2", "--iters=2"]
   first = tmp_path / "first"
-  subprocess.run([*common, "--variants=full", f"--out_dir={first}"], check=True, capture_output=True, text=True,
-                 timeout=300)
+  # With a compile-only search past the timed lengths, up to --longest_max.
+  subprocess.run([*common, "--variants=full", f"--out_dir={first}", "--longest_bisect=1", "--longest_max=64",
+                  "--memory_limit_gib=1"], check=True, capture_output=True, text=True, timeout=300)
   # A second run measures only mamba and takes full's rows from the first (the split-over-GPUs workflow).
   subprocess.run([*common, "--variants=mamba", f"--merge_from={first / 'scaling.json'}", f"--out_dir={tmp_path}"],
                  check=True, capture_output=True, text=True, timeout=300)
   results = json.loads((tmp_path / "scaling.json").read_text())
   assert results["environment"]["device"]
   rows = {(r["variant"], r["seq_len"]): r for r in results["rows"]}
-  assert set(rows) == {("full", 16), ("full", 32), ("mamba", 16), ("mamba", 32)}
+  assert set(rows) == {("full", 16), ("full", 32), ("full", 64), ("mamba", 16), ("mamba", 32)}
+  assert rows[("full", 64)]["status"] == "fits" and rows[("full", 64)]["memory_gib"] > 0
+  del rows[("full", 64)]
   assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
   first_rows = json.loads((first / "scaling.json").read_text())["rows"]
   assert [r for r in results["rows"] if r["variant"] == "full"] == first_rows
   table = (tmp_path / "scaling.md").read_text()
-  assert "| mamba |" in table and "| full |" in table
+  assert "| mamba |" in table and "| full |" in table and "| 64 (search limit) |" in table
   if importlib.util.find_spec("matplotlib"):
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
@@ -61,3 +64,20 @@ def test_merge_refuses_rows_of_another_model(tmp_path):
   assert [r.variant for r in rows] == ["full"] and env["device"] == "cpu"
   with pytest.raises(ValueError, match="merge_from.*width 64"):
     scaling.load_measured([str(path)], "width 32", [16, 32])
+
+
+def test_longest_search_doubles_then_bisects_by_compiled_memory():
+  ok = lambda t: scaling.Row("linear", t, "ok", step_ms=1.0, tokens_per_s=1.0, memory_gib=0.1)
+  memory = lambda t: t / 1024 * 0.1  # GiB: 5 GiB fits up to 51.2K tokens
+  found = scaling.search_longest("linear", [ok(1024), ok(4096)], memory, 5.0, max_len=1 << 20, bisect=3)
+  assert [(r.seq_len, r.status) for r in found] == [
+      (8192, "fits"), (16384, "fits"), (32768, "fits"), (65536, "too big"), (49152, "fits"), (57344, "too big"),
+      (53248, "too big")]
+  assert scaling._longest([ok(1024), ok(4096), *found], "linear") == "48K (52K does not)"
+  # A timed length that ran out of memory bounds the search from above; a variant stopped for time is not searched.
+  rows = [ok(1024), ok(4096), scaling.Row("linear", 65536, "oom")]
+  assert [r.seq_len for r in scaling.search_longest("linear", rows, memory, 5.0, 1 << 20, bisect=1)] == [34816]
+  slow = [ok(1024), scaling.Row("linear", 4096, "slow")]
+  assert scaling.search_longest("linear", slow, memory, 5.0, 1 << 20, bisect=3) == []
+  table = scaling.markdown([ok(1024), ok(4096), *found], [1024, 4096], "tiny")
+  assert "| linear | 1.0 ms / 102 MiB | 1.0 ms / 102 MiB | 48K (52K does not) |" in table
