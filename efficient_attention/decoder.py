@@ -212,7 +212,7 @@ class Decoder(nnx.Module):
     if self.positions is not None:
       x = x + self.positions(t)[None]
     x = self.dropout(x)
-    run_block = nnx.remat(lambda block, x, mask: block(x, mask)) if self.config.remat else _call_block
+    run_block = nnx.remat(_call_block) if self.config.remat else _call_block
     for block in self.blocks:
       x = run_block(block, x, mask)
     x = self.final_norm(x)

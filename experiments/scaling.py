@@ -96,6 +96,10 @@ GPU_DEFAULTS = {"full": {"impl": "xla"}, "sliding_window": {"impl": "pallas"},
                 "bigbird": {"impl": "pallas"}}
 
 
+# Statuses of the compile-only longest-T search's rows (lengths beyond the timed grid).
+SEARCHED = ("fits", "too big")
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   variant: str
@@ -148,15 +152,20 @@ def make_step(config: DecoderConfig):
   return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, rest
 
 
+def compile_step(variant: str, seq_len: int, options: dict[str, object], size: ModelSize):
+  """-> (compiled step, params, opt_state, rest, bytes it needs by XLA's memory analysis or None)."""
+  step, params, opt_state, rest = make_step(model_config(variant, seq_len, options, size))
+  # +1: inputs are tokens[:, :-1] and targets tokens[:, 1:], so the model sees exactly seq_len positions.
+  tokens = jax.ShapeDtypeStruct((size.batch_size, seq_len + 1), jnp.int32)
+  compiled = step.lower(params, opt_state, rest, tokens).compile()
+  return compiled, params, opt_state, rest, program_bytes(compiled)
+
+
 def measure(
     variant: str, seq_len: int, options: dict[str, object], size: ModelSize, iters: int, max_step_s: float
 ) -> Row:
-  config = model_config(variant, seq_len, options, size)
-  step, params, opt_state, rest = make_step(config)
-  # +1: inputs are tokens[:, :-1] and targets tokens[:, 1:], so the model sees exactly seq_len positions.
+  compiled, params, opt_state, rest, memory = compile_step(variant, seq_len, options, size)
   tokens = [jax.random.randint(jax.random.key(i), (size.batch_size, seq_len + 1), 0, size.vocab_size) for i in range(3)]
-  compiled = step.lower(params, opt_state, rest, tokens[0]).compile()
-  memory = program_bytes(compiled)
   limit = device_memory_limit()
   if memory is not None and limit is not None and memory > limit:
     return Row(variant, seq_len, "oom", memory_gib=memory / 2**30)
@@ -200,10 +209,8 @@ def scan_variant(
 
 def compiled_memory(variant: str, seq_len: int, options: dict[str, object], size: ModelSize) -> float:
   """GiB the compiled training step at seq_len needs (XLA's memory analysis); inf where compiling runs out."""
-  step, params, opt_state, rest = make_step(model_config(variant, seq_len, options, size))
-  tokens = jax.ShapeDtypeStruct((size.batch_size, seq_len + 1), jnp.int32)
   try:
-    memory = program_bytes(step.lower(params, opt_state, rest, tokens).compile())
+    memory = compile_step(variant, seq_len, options, size)[-1]
   except Exception as error:  # noqa: BLE001 - out of memory while compiling is a "does not fit"
     if not is_out_of_memory(error):
       raise
@@ -256,7 +263,7 @@ def _longest(rows: list[Row], variant: str) -> str:
   """Table cell: the longest length known to fit (ran, or compiled within memory) and the first known not to."""
   fitting = [r.seq_len for r in rows if r.variant == variant and r.status in ("ok", "fits")]
   too_big = [r.seq_len for r in rows if r.variant == variant and r.status in ("oom", "too big")]
-  if not any(r.variant == variant and r.status in ("fits", "too big") for r in rows) or not fitting:
+  if not any(r.variant == variant and r.status in SEARCHED for r in rows) or not fitting:
     return ""
   good = max(fitting)
   bad = min((t for t in too_big if t > good), default=None)
@@ -269,7 +276,7 @@ def _length(t: int) -> str:
 
 def markdown(rows: list[Row], lengths: list[int], model: str) -> str:
   """One table: variants down, lengths across, each cell 'step ms / memory'."""
-  searched = any(r.status in ("fits", "too big") for r in rows)
+  searched = any(r.status in SEARCHED for r in rows)
   header = f"Model: {model}.\n\n"
   header += "| variant | " + " | ".join(f"T={t // 1024}K" if t >= 1024 else f"T={t}" for t in lengths)
   header += " | longest T that fits |" if searched else " |"
@@ -338,20 +345,25 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
   for path in paths:
     with open(path) as f:
       saved = json.load(f)
-    their_lengths = sorted({r["seq_len"] for r in saved["rows"] if r["status"] not in ("fits", "too big")})
+    their_lengths = sorted({r["seq_len"] for r in saved["rows"] if r["status"] not in SEARCHED})
     if saved["environment"].get("model") != model or not set(their_lengths) <= set(lengths):
       raise ValueError(f"--merge_from file {path} is not valid here: it measured model "
                        f"{saved['environment'].get('model')!r} at lengths {their_lengths}, this run {model!r} at "
                        f"{lengths}")
-    if env is not None and saved["environment"]["device"] != env["device"]:
-      raise ValueError(f"--merge_from file {path} is not valid here: it ran on {saved['environment']['device']!r}, "
-                       f"an earlier file on {env['device']!r}")
-    if env is None:
-      env = dict(saved["environment"])
-    elif saved["environment"]["commit"] not in env["commit"].split(", "):
-      env["commit"] += ", " + saved["environment"]["commit"]  # rows measured at several commits say so
+    env = joined_environment(env, saved["environment"], f"--merge_from file {path}")
     rows.extend(Row(**r) for r in saved["rows"])
   return rows, env
+
+
+def joined_environment(env: dict | None, other: dict, what: str) -> dict:
+  """The environment of rows from `env` and `other` in one table: one device (else ValueError naming `what`),
+  every commit the rows were measured at."""
+  if env is None:
+    return dict(other)
+  if other["device"] != env["device"]:
+    raise ValueError(f"{what} is not valid here: it ran on {other['device']!r}, earlier rows on {env['device']!r}")
+  commits = env["commit"].split(", ")
+  return env | {"commit": ", ".join(commits + [c for c in other["commit"].split(", ") if c not in commits])}
 
 
 def main(argv):
@@ -373,33 +385,30 @@ def main(argv):
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   measured = {row.variant for row in rows}
-  names = list(dict.fromkeys([*[r.variant for r in rows], *names]))
-  env = merged_env or environment()
-  for name in names:
-    if name in measured:
-      continue
+  to_measure = [name for name in names if name not in measured]
+  env = merged_env
+  if to_measure:
+    try:
+      env = joined_environment(merged_env, environment(), "this run")
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
+  limit = FLAGS.memory_limit_gib or (device_memory_limit() or 0) / 2**30
+  if FLAGS.longest_bisect and not limit:
+    raise app.UsageError("--longest_bisect needs a memory limit: this device reports none; set --memory_limit_gib")
+  for name in to_measure:
     options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
     measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
                                        max_step_s=FLAGS.max_step_s)
     timed = scan_variant(name, lengths, measure_length, FLAGS.max_step_s)
     rows.extend(timed)
     if FLAGS.longest_bisect:
-      limit = FLAGS.memory_limit_gib or (device_memory_limit() or 0) / 2**30
-      if not limit:
-        raise app.UsageError("--longest_bisect needs a memory limit: this device reports none; set "
-                             "--memory_limit_gib")
       memory_gib = functools.partial(compiled_memory, name, options=options, size=size)
       # The same rule as the timed rows' "oom": XLA's account of the compiled step against the device's limit.
       rows.extend(search_longest(name, timed, memory_gib, limit, FLAGS.longest_max, FLAGS.longest_bisect))
-    env = environment()
-    if merged_env is not None:
-      if merged_env["device"] != env["device"]:
-        raise app.UsageError(f"--merge_from rows ran on {merged_env['device']!r}, this run on {env['device']!r}")
-      if env["commit"] not in merged_env["commit"].split(", "):
-        env["commit"] = f"{merged_env['commit']}, {env['commit']}"
     # Rewritten after every variant, so a sweep stopped by a time limit keeps what it measured.
     _write(rows, lengths, size, user_options, env)
-  _write(rows, lengths, size, user_options, env)
+  if not to_measure:  # a merge only
+    _write(rows, lengths, size, user_options, env)
   plot(rows, os.path.join(FLAGS.out_dir, "scaling.png"))
 
 

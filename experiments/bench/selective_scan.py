@@ -107,16 +107,21 @@ def _triton(blocks=None):
       x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, impl="triton", block_sizes=blocks)
 
 
+def _int_fields(fields: list[str]) -> dict[str, int]:
+  """['block_d=8', 'chunk=32'] -> {'block_d': 8, 'chunk': 32}: the field=value parts of a tile spec."""
+  return {k: int(v) for k, v in (field.split("=") for field in fields)}
+
+
 def _triton_blocks(spec: str) -> TritonBlockSizes:
   """'block_d=8:chunk=32:atomic_bc=1' -> TritonBlockSizes(block_d=8, chunk=32, atomic_bc=True)."""
-  fields = dict(field.split("=") for field in spec.split(":"))
-  return TritonBlockSizes(**{k: bool(int(v)) if k == "atomic_bc" else int(v) for k, v in fields.items()})
+  fields = _int_fields(spec.split(":"))
+  return TritonBlockSizes(**{k: bool(v) if k == "atomic_bc" else v for k, v in fields.items()})
 
 
 def _segmented_blocks(spec: str) -> BlockSizes:
   """'512' or '512:num_warps=2:block_d=8' -> BlockSizes(segment=512, num_warps=2, block_d=8)."""
   segment, *fields = spec.split(":")
-  return BlockSizes(segment=int(segment), **{k: int(v) for k, v in (field.split("=") for field in fields)})
+  return BlockSizes(segment=int(segment), **_int_fields(fields))
 
 
 def _jax_impls(names, segments, triton_specs):
