@@ -21,7 +21,8 @@ are rows with status "fits" or "too big" and make the table's last column.
 A sweep split over several GPUs or time-limited calls comes together with --merge_from: the rows of earlier
 scaling.json files (same model and lengths) are taken as measured, only the other variants run, and the table
 and plot cover all of them, e.g. `--merge_from=run0/scaling.json,run1/scaling.json` with nothing left to run
-just merges.
+just merges. With --longest_bisect too, merged variants that have no search yet are searched (compile only), so
+the longest-T column can be added to an earlier sweep without timing it again.
 """
 
 import dataclasses
@@ -351,7 +352,10 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
                        f"{saved['environment'].get('model')!r} at lengths {their_lengths}, this run {model!r} at "
                        f"{lengths}")
     env = joined_environment(env, saved["environment"], f"--merge_from file {path}")
-    rows.extend(Row(**r) for r in saved["rows"])
+    # A (variant, length) already read is kept as first read: files that each extend one earlier sweep (say, one
+    # variant's longest-T search per GPU) all repeat that sweep's rows.
+    known = {(row.variant, row.seq_len) for row in rows}
+    rows.extend(Row(**r) for r in saved["rows"] if (r["variant"], r["seq_len"]) not in known)
   return rows, env
 
 
@@ -386,8 +390,11 @@ def main(argv):
     raise app.UsageError(str(error)) from None
   measured = {row.variant for row in rows}
   to_measure = [name for name in names if name not in measured]
+  # Merged variants whose rows have no longest-T search yet get one (compile only) when it is asked for.
+  to_search = [name for name in names if FLAGS.longest_bisect and (name in to_measure or not any(
+      row.variant == name and row.status in SEARCHED for row in rows))]
   env = merged_env
-  if to_measure:
+  if to_measure or to_search:
     try:
       env = joined_environment(merged_env, environment(), "this run")
     except ValueError as error:
@@ -395,19 +402,22 @@ def main(argv):
   limit = FLAGS.memory_limit_gib or (device_memory_limit() or 0) / 2**30
   if FLAGS.longest_bisect and not limit:
     raise app.UsageError("--longest_bisect needs a memory limit: this device reports none; set --memory_limit_gib")
-  for name in to_measure:
+  for name in names:
+    if name not in to_measure and name not in to_search:
+      continue
     options = {**(GPU_DEFAULTS.get(name, {}) if on_gpu else {}), **user_options.get(name, {})}
-    measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
-                                       max_step_s=FLAGS.max_step_s)
-    timed = scan_variant(name, lengths, measure_length, FLAGS.max_step_s)
-    rows.extend(timed)
-    if FLAGS.longest_bisect:
+    if name in to_measure:
+      measure_length = functools.partial(measure, name, options=options, size=size, iters=FLAGS.iters,
+                                         max_step_s=FLAGS.max_step_s)
+      rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
+    if name in to_search:
+      timed = [row for row in rows if row.variant == name]
       memory_gib = functools.partial(compiled_memory, name, options=options, size=size)
       # The same rule as the timed rows' "oom": XLA's account of the compiled step against the device's limit.
       rows.extend(search_longest(name, timed, memory_gib, limit, FLAGS.longest_max, FLAGS.longest_bisect))
     # Rewritten after every variant, so a sweep stopped by a time limit keeps what it measured.
     _write(rows, lengths, size, user_options, env)
-  if not to_measure:  # a merge only
+  if not to_measure and not to_search:  # a merge only
     _write(rows, lengths, size, user_options, env)
   plot(rows, os.path.join(FLAGS.out_dir, "scaling.png"))
 

@@ -101,7 +101,7 @@ def evaluate(model: Decoder, split: Split, task: TaskData, batch_size: int, max_
 
 def create(model_config, seed: int, train: Mapping[str, Any], mesh: Mesh) -> tuple[Decoder, nnx.Optimizer]:
   """The model and its optimizer, every variable replicated over the mesh (data parallelism keeps a full copy
-  per device), or split over its data axis when train.fsdp is set (XLA gathers each before use).
+  per device), or split over all devices when train.fsdp is set (XLA gathers each before use).
 
   Built inside jit with a sharding constraint, so each process materialises only its own devices'
   copies: that also works when the mesh spans several hosts, where device_put cannot place arrays.

@@ -190,7 +190,7 @@ def trainer_checks(cache_dir, workdir):
   mesh = make_mesh(mesh_config.train.mesh)
   task = build_task(mesh_config.task, cache_dir)
   model, _ = trainer.create(modeling.decoder_config(mesh_config.model, task, 0)[0], 0, mesh_config.train, mesh)
-  fsdp_sharded = any("data" in tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  fsdp_sharded = any(("data", "sequence") in tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
   batch = shard_batch(next(eval_batches(task.splits["train"], 8)), mesh)
   sharded = trainer.train_and_evaluate(mesh_config, os.path.join(workdir, "mesh"))
   return {"trainer": {"single": single, "mesh": sharded, "fsdp_sharded": fsdp_sharded,

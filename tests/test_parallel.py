@@ -93,7 +93,7 @@ def test_trainer_with_sequence_mesh_and_fsdp_matches_one_device(multi_device_res
   """train_and_evaluate with train.mesh="data:2,sequence:2" and train.fsdp (a `local` encoder: bidirectional ring
   attention with a window reaching the blocks on both sides): same metrics as on one device."""
   report = multi_device_results["trainer"]
-  assert report["fsdp_sharded"], "no parameter was split over the data axis"
+  assert report["fsdp_sharded"], "no parameter was split over the data and sequence axes together"
   assert report["batch_spec"] == ["data", "sequence"]
   for split in ("valid", "test"):
     np.testing.assert_allclose(report["mesh"][split]["loss"], report["single"][split]["loss"], rtol=1e-4)
@@ -115,13 +115,18 @@ def test_make_mesh_checks_the_device_count():
     parallel.make_mesh(f"data:{jax.device_count()},sequence:2")
 
 
-def test_fsdp_spec_splits_the_largest_divisible_dimension():
+def test_fsdp_spec_splits_the_largest_divisible_dimension_over_every_device():
   # fsdp_spec reads only the axis sizes, so a stand-in for a 4 x 2 mesh will do on one CPU device.
   fake = type("FakeMesh", (), {"shape": {"data": 4, "sequence": 2}})()
-  assert parallel.fsdp_spec((128, 256), fake) == PartitionSpec(None, "data")
-  assert parallel.fsdp_spec((1024, 6), fake) == PartitionSpec("data")
+  assert parallel.fsdp_spec((128, 256), fake) == PartitionSpec(None, ("data", "sequence"))
+  assert parallel.fsdp_spec((1024, 6), fake) == PartitionSpec(("data", "sequence"))
+  assert parallel.fsdp_spec((100, 60), fake) == PartitionSpec("data")  # 8 divides neither; 4 divides both
   assert parallel.fsdp_spec((3, 5001), fake) == PartitionSpec()  # nothing divides
   assert parallel.fsdp_spec((8, 8), fake) == PartitionSpec()  # too small to be worth a gather
+  sequence_only = type("FakeMesh", (), {"shape": {"data": 1, "sequence": 4}})()
+  assert parallel.fsdp_spec((1024, 256), sequence_only) == PartitionSpec("sequence")
+  single = type("FakeMesh", (), {"shape": {"data": 1, "sequence": 1}})()
+  assert parallel.fsdp_spec((1024, 256), single) == PartitionSpec()
 
 
 def test_single_device_mesh_keeps_the_single_device_path():

@@ -54,6 +54,20 @@ def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path
   assert "| mamba |" in table and "| full |" in table and "| 64 (search limit) |" in table
   if importlib.util.find_spec("matplotlib"):
     assert (tmp_path / "scaling.png").stat().st_size > 0
+  # A merge with --longest_bisect searches the merged variant that has no search yet (mamba), not full again.
+  searched = tmp_path / "searched"
+  subprocess.run([*common, "--variants=full,mamba", f"--merge_from={tmp_path / 'scaling.json'}",
+                  f"--out_dir={searched}", "--longest_bisect=1", "--longest_max=64", "--memory_limit_gib=1"],
+                 check=True, capture_output=True, text=True, timeout=300)
+  rows = json.loads((searched / "scaling.json").read_text())["rows"]
+  assert [(r["variant"], r["seq_len"], r["status"]) for r in rows if r["status"] in scaling.SEARCHED] == [
+      ("full", 64, "fits"), ("mamba", 64, "fits")]
+  # Two files that repeat the same earlier rows merge without duplicates.
+  merged_files = f"--merge_from={searched / 'scaling.json'},{tmp_path / 'scaling.json'}"
+  subprocess.run([*common, "--variants=full,mamba", merged_files,
+                  f"--out_dir={tmp_path / 'merged'}"], check=True, capture_output=True, text=True, timeout=300)
+  merged = json.loads((tmp_path / "merged" / "scaling.json").read_text())["rows"]
+  assert merged == rows
 
 
 def test_merge_refuses_rows_of_another_model(tmp_path):

@@ -156,19 +156,24 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**12) -> PartitionSpec:
-  """FSDP: split the largest dimension that the `data` axis divides; small or indivisible arrays stay replicated.
+  """FSDP: split the largest dimension over every device of the mesh (`data` and `sequence` together) where it
+  divides, else over `data` alone; small or indivisible arrays stay replicated.
 
-  Splitting over `data` only keeps every sequence shard of a data group on the same parameter shard, so the
-  all-gather XLA inserts before each use runs within a data group.
+  Splitting over the sequence axis too matters for long sequences: a sequence-parallel mesh (data:1,
+  sequence:N) otherwise keeps a full copy of the parameters, gradients and optimizer state on every device,
+  memory the ring's activations could use. XLA all-gathers a parameter before each use and reduce-scatters its
+  gradient; the sequence shards need the sum of their gradients anyway.
   """
-  shards = mesh.shape[DATA_AXIS]
-  if shards == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+  if int(np.prod(shape, dtype=np.int64)) < min_size:
     return PartitionSpec()
-  candidates = [i for i, size in enumerate(shape) if size % shards == 0]
-  if not candidates:
-    return PartitionSpec()
-  axis = max(candidates, key=lambda i: shape[i])
-  return PartitionSpec(*([None] * axis + [DATA_AXIS]))
+  for axes in ((DATA_AXIS, SEQUENCE_AXIS), (DATA_AXIS,)):
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+    candidates = [i for i, size in enumerate(shape) if size % shards == 0]
+    if axes and candidates:
+      axis = max(candidates, key=lambda i: shape[i])
+      return PartitionSpec(*([None] * axis + [axes if len(axes) > 1 else axes[0]]))
+  return PartitionSpec()
 
 
 def state_shardings(state, mesh: Mesh, *, fsdp: bool):

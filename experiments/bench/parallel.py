@@ -43,6 +43,8 @@ _START_LEN = flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence le
 _BISECT = flags.DEFINE_integer("bisect", 3, "Part 2: bisection steps after the first failing length.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.")
 _REMAT = flags.DEFINE_bool("remat", False, "Gradient checkpointing per block (DecoderConfig.remat) in both parts.")
+_FSDP = flags.DEFINE_bool("fsdp", False, "Both parts: parameters and optimizer state split over every device "
+                          "(train.fsdp) instead of a full copy per device.")
 _PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
 # Part 2 runs a step only if its compiled memory analysis needs at most this share of the device's memory:
 # the allocator also needs room for fragmentation, and a step that runs out mid-way hangs the other devices.
@@ -62,6 +64,7 @@ def _model_config(max_len: int) -> DecoderConfig:
 def _train_config(batch_size: int):
   train = base_config().train
   train.batch_size = batch_size
+  train.fsdp = _FSDP.value
   return train
 
 
@@ -233,8 +236,11 @@ def main(argv):
   devices = [n for n in devices if n <= available]
   env = environment()
   env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
+  extras = "".join(text for on, text in ((_REMAT.value, ", gradient checkpointing per block"),
+                                          (_FSDP.value, ", parameters and optimizer state split over the devices "
+                                                        "(FSDP)")) if on)
   setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
-             f"compute / fp32 params, AdamW{', gradient checkpointing per block' if _REMAT.value else ''}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
+             f"compute / fp32 params, AdamW{extras}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
              f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
   throughput_rows, longest_rows = [], []
 

@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh (--mesh): "" puts every device on the data axis; "data:2,sequence:2" also splits each
   # sequence over 2 devices (ring attention, sequence-parallel scans). Sizes multiply to the device count.
   train.mesh = ""
-  # Shard parameters and optimizer state over the data axis (FSDP) instead of replicating them.
+  # Shard parameters and optimizer state over every device (FSDP over the data and sequence axes) instead of
+  # replicating them.
   train.fsdp = False
   return config
