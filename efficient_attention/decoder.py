@@ -163,7 +163,34 @@ class Block(nnx.Module):
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+@jax.custom_vjp
+def _gradient_fence(x, params):
+  """Identity on (x, params) whose backward releases the gradient for x (to the block below) only together with
+  the block's parameter gradients, through an optimization barrier.
+
+  Without it XLA may compute a block's weight gradients (dW = x^T dy) whenever it likes before their use, and
+  under a mesh that use is the all-reduce over devices at the very end of the step: on two H200s (ring attention,
+  4 layers, 73.7K tokens per device) the scheduler put every layer's weight-gradient matmuls there, keeping
+  each layer's [T, 4C] MLP activations alive until then, 4.5 GiB of the step's 11.2 GiB. With the fence each
+  block's activations are freed before the block below starts its backward, as on one device.
+  """
+  return x, params
+
+
+def _gradient_fence_fwd(x, params):
+  return (x, params), None
+
+
+def _gradient_fence_bwd(_, cotangents):
+  return jax.lax.optimization_barrier(cotangents)
+
+
+_gradient_fence.defvjp(_gradient_fence_fwd, _gradient_fence_bwd)
+
+
 def _call_block(block: Block, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  x, params = _gradient_fence(x, nnx.state(block, nnx.Param))
+  nnx.update(block, params)
   return block(x, mask)
 
 

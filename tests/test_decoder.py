@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
+from efficient_attention import decoder as decoder_module
 
 VOCAB = 17
 
@@ -178,3 +179,34 @@ def test_remat_gives_the_same_step_and_saves_memory():
   # whatever its rounding: compare them at a fraction of the learning rate.
   chex.assert_trees_all_close(params_remat, params, atol=5e-5)
   assert memory_remat < memory
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in jaxpr and, per call site, in the jaxprs its equations call."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_primitive(inner, name)
+  return count
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_each_block_releases_its_input_gradient_with_its_parameter_gradients(remat):
+  """The gradient fence: in the backward, one optimization barrier per block joins the gradient that flows to the
+  block below with the block's parameter gradients (so XLA cannot postpone a block's weight-gradient matmuls, and
+  keep its activations alive, to the end of the step), and it leaves the gradients themselves unchanged."""
+  config = _config_for("full", num_layers=3, remat=remat)
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, VOCAB)
+  loss = lambda model: jnp.mean(model(tokens) ** 2)
+  barriers = _count_primitive(jax.make_jaxpr(nnx.grad(loss))(model).jaxpr, "optimization_barrier")
+  assert barriers >= config.num_layers
+  block = model.blocks[0]
+  x = jax.random.normal(jax.random.key(2), (2, 16, config.width))
+  fenced = nnx.grad(lambda block: jnp.sum(decoder_module._call_block(block, x, None) ** 2))(block)
+  plain = nnx.grad(lambda block: jnp.sum(block(x, None) ** 2))(block)
+  chex.assert_trees_all_close(fenced, plain, rtol=1e-6)

@@ -61,9 +61,10 @@ def test_ring_memory_does_not_grow_with_the_ring(multi_device_results):
 
 def test_ring_head_groups_cut_its_memory(multi_device_results):
   """Heads in 4 groups, one ring after the other: the accumulators and visiting blocks hold a quarter of the
-  heads, so the step's temporary memory must drop well below the all-heads ring's."""
+  heads, so the step's temporary memory must drop well below the all-heads ring's (0.33x measured; 0.71x when
+  XLA merged the backward's recomputed block attention with the forward's and kept every group's scores alive)."""
   report = multi_device_results["ring_memory"]
-  assert report["two_in_4_head_groups"] <= 0.6 * report["two"], report
+  assert report["two_in_4_head_groups"] <= 0.45 * report["two"], report
 
 
 def test_ring_head_groups_default_keeps_enough_rows_per_kernel_call():

@@ -17,7 +17,7 @@ Head groups: the ring keeps fp32 accumulators the size of the local q/k/v (the m
 dQ, dK, dV in the backward) beside the visiting blocks, a cost the one-device kernel does not have. Measured on
 two H200s (flash decoder, width 1024, 4 layers): at equal tokens per device the ring step needed 2.5 GiB more
 than the one-device step at 57K tokens per device, most of it fp32 [c, H, D] buffers. With long local blocks the
-heads therefore go round the ring in groups, one group after the other (`lax.map`), so those buffers hold only
+heads therefore go round the ring in groups, one group after the other (`_in_turn`), so those buffers hold only
 H / groups heads; a group still gives the kernel b * c * H / groups >= 2^16 query rows, enough programs to fill
 a GPU, so short blocks (where memory is not the limit) keep all heads in one ring.
 
@@ -151,13 +151,44 @@ def _head_groups(rows: int, hkv: int) -> int:
 
 def _grouped_heads(q, k, v, lengths, *, plan: _Plan, groups: int):
   """_local_attention over `groups` slices of the heads in turn; contiguous slices keep GQA's pairing (query
-  head i reads kv head i // (H / Hkv)) because groups divides Hkv."""
+  head i reads kv head i // (H / Hkv)) because groups divides Hkv.
+
+  The groups are a Python loop chained by `_in_turn`, not a `lax.map`: a map stacks its per-group residuals into
+  [groups, ...] buffers that XLA allocates up front. On two H200s with gradient checkpointing, XLA initialised
+  every layer's stacked buffers in one fusion at the start of the step, 5 GiB alive from the forward to the
+  backward that checkpointing was meant to free.
+  """
   if groups == 1:
     return _local_attention(q, k, v, lengths, plan=plan)
-  # [b, c, heads, d] -> [groups, b, c, heads / groups, d]
-  split = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], groups, x.shape[2] // groups, x.shape[3]), 2, 0)
-  o = jax.lax.map(lambda qkv: _local_attention(*qkv, lengths, plan=plan), (split(q), split(k), split(v)))
-  return jnp.moveaxis(o, 0, 2).reshape(q.shape)
+  # One split per input (not a slice per group): its transpose is one concatenation of the groups' gradients,
+  # where slices would each transpose to a zero-padded full-size array to be summed.
+  split = [jnp.split(x, groups, axis=2) for x in (q, k, v)]
+  outputs = []
+  for g in range(groups):
+    qkv = tuple(parts[g] for parts in split)
+    if outputs:
+      outputs[-1], qkv = _in_turn(outputs[-1], qkv)
+    outputs.append(_local_attention(*qkv, lengths, plan=plan))
+  return jnp.concatenate(outputs, axis=2)
+
+
+@jax.custom_vjp
+def _in_turn(done, following):
+  """(done, following) unchanged, with an optimization barrier forward and backward: the next group's ring
+  starts after this group's output exists, and this group's backward ring after the next group's gradients
+  exist, so one group's fp32 ring buffers are alive at a time in both directions."""
+  return jax.lax.optimization_barrier((done, following))
+
+
+def _in_turn_fwd(done, following):
+  return _in_turn(done, following), None
+
+
+def _in_turn_bwd(_, cotangents):
+  return jax.lax.optimization_barrier(cotangents)
+
+
+_in_turn.defvjp(_in_turn_fwd, _in_turn_bwd)
 
 
 def _local_attention(q, k, v, lengths, *, plan: _Plan):
@@ -313,7 +344,10 @@ def _ring_fwd(q, k, v, lengths, plan: _Plan):
 
 
 def _ring_bwd(plan: _Plan, residuals, do):
-  q, k, v, lengths, o, lse = residuals
+  # The barrier makes the blocks' recomputed forward below a new computation to XLA, as jax.checkpoint does for
+  # its recomputation: otherwise XLA may merge it (common subexpressions) with the forward pass's identical kernel
+  # calls, and keep every step's partial output and log-sum-exp of every layer alive from the forward to here.
+  q, k, v, lengths, o, lse, do = jax.lax.optimization_barrier((*residuals, do))
   do_f32 = do.astype(f32)
   dot_o = jnp.sum(do_f32 * o.astype(f32), axis=-1).transpose(0, 2, 1)  # [b, H, c]
 

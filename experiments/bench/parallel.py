@@ -12,9 +12,14 @@ from --start_len until a step fails for lack of memory (or halve until one runs)
 on N devices the search starts at N times the 1-device length. To make the search short,
 run with XLA_PYTHON_CLIENT_MEM_FRACTION set (e.g. 0.25): every device then has the same smaller memory, and
 the ratio between the lengths is what the result is about. The JSON records the fraction used.
+
+Parts split over processes (one device count each, side by side on one machine: the search is mostly
+compilation) come together with --merge_from=a/parallel.json,b/parallel.json --parts= (same flags), which writes
+one table with the ratios to the 1-device row.
 """
 
 import gc
+import json
 import os
 import time
 import traceback
@@ -46,6 +51,8 @@ _REMAT = flags.DEFINE_bool("remat", False, "Gradient checkpointing per block (De
 _FSDP = flags.DEFINE_bool("fsdp", False, "Both parts: parameters and optimizer state split over every device "
                           "(train.fsdp) instead of a full copy per device.")
 _PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
+_MERGE_FROM = flags.DEFINE_list("merge_from", [], "parallel.json files of runs split over processes (say, one "
+                                "device count each, side by side): their rows join this run's in one table.")
 # Part 2 runs a step only if its compiled memory analysis needs at most this share of the device's memory:
 # the allocator also needs room for fragmentation, and a step that runs out mid-way hangs the other devices.
 _HEADROOM = 0.95
@@ -112,11 +119,7 @@ def throughput(devices: list[int]) -> list[dict]:
       rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
     finally:
       gc.collect()
-  base = next((r["tokens_per_sec"] for r in rows if r.get("devices") == 1 and "tokens_per_sec" in r), None)
-  for row in rows:
-    if base and "tokens_per_sec" in row:
-      row["speedup"] = row["tokens_per_sec"] / base
-  return rows
+  return _with_ratios(rows, "tokens_per_sec", "speedup")
 
 
 def _trains(n: int, seq_len: int) -> bool:
@@ -199,11 +202,36 @@ def longest(devices: list[int]) -> list[dict]:
       traceback.print_exc()
       rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
     print(rows[-1], flush=True)
-  first = next((r["longest_seq_len"] for r in rows if r.get("devices") == 1 and r.get("longest_seq_len")), None)
+  return _with_ratios(rows, "longest_seq_len", "vs_one_device")
+
+
+def _with_ratios(rows: list[dict], value: str, ratio: str) -> list[dict]:
+  """Sets row[ratio] = row[value] / the 1-device row's value (when there is one), rows sorted by device count."""
+  rows = sorted(rows, key=lambda r: r["devices"])
+  base = next((r[value] for r in rows if r["devices"] == 1 and r.get(value)), None)
   for row in rows:
-    if first and row.get("longest_seq_len"):
-      row["vs_one_device"] = row["longest_seq_len"] / first
+    if base and row.get(value):
+      row[ratio] = row[value] / base
   return rows
+
+
+def _merged(paths: list[str], env: dict, setting: str) -> tuple[list[dict], list[dict], dict]:
+  """Rows of earlier parallel.json files, checked to be of env's device and of this setting, split by part; the
+  environment lists every commit."""
+  throughput_rows, longest_rows = [], []
+  for path in paths:
+    with open(path) as f:
+      saved = json.load(f)
+    theirs = saved["environment"]
+    if theirs["device"] != env["device"] or theirs["setting"] != setting:
+      raise app.UsageError(f"--merge_from file {path} is not valid here: it measured {theirs['setting']!r} on "
+                           f"{theirs['device']!r}, this run {setting!r} on {env['device']!r}")
+    commits = env["commit"].split(", ")
+    env = env | {"commit": ", ".join(commits + [c for c in theirs["commit"].split(", ") if c not in commits])}
+    for row in saved["rows"]:
+      part = row.pop("part")
+      (throughput_rows if part == "throughput" else longest_rows).append(row)
+  return throughput_rows, longest_rows, env
 
 
 def _table(throughput_rows: list[dict], longest_rows: list[dict], setting: str) -> str:
@@ -234,20 +262,30 @@ def main(argv):
   available = jax.device_count()
   devices = [int(d) for d in _DEVICES.value] or [n for n in (1, 2, 4, 8, 16) if n <= available]
   devices = [n for n in devices if n <= available]
-  env = environment()
-  env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
+  measuring = any(part in _PARTS.value for part in ("throughput", "longest"))
+  if measuring:
+    env = environment()
+    env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
+  elif _MERGE_FROM.value:  # a merge only: the table is the files' (device, commit, memory fraction)
+    with open(_MERGE_FROM.value[0]) as f:
+      env = {key: value for key, value in json.load(f)["environment"].items() if key != "setting"}
+  else:
+    raise app.UsageError(f"--parts={','.join(_PARTS.value)} is not valid without --merge_from; choose from "
+                         "throughput, longest")
   extras = "".join(text for on, text in ((_REMAT.value, ", gradient checkpointing per block"),
                                           (_FSDP.value, ", parameters and optimizer state split over the devices "
                                                         "(FSDP)")) if on)
   setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
              f"compute / fp32 params, AdamW{extras}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
              f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
+  merged_throughput, merged_longest, env = _merged(_MERGE_FROM.value, env, setting)
   throughput_rows, longest_rows = [], []
 
   def write():
-    rows = [{"part": "throughput", **r} for r in throughput_rows] + [{"part": "longest", **r} for r in longest_rows]
-    write_results(_OUT.value, "parallel", {**env, "setting": setting}, rows,
-                  _table(throughput_rows, longest_rows, setting))
+    both = (_with_ratios(merged_throughput + throughput_rows, "tokens_per_sec", "speedup"),
+            _with_ratios(merged_longest + longest_rows, "longest_seq_len", "vs_one_device"))
+    rows = [{"part": "throughput", **r} for r in both[0]] + [{"part": "longest", **r} for r in both[1]]
+    write_results(_OUT.value, "parallel", {**env, "setting": setting}, rows, _table(*both, setting))
 
   # Written after each part, so a run stopped by a time limit keeps what it measured.
   if "throughput" in _PARTS.value:
@@ -255,6 +293,8 @@ def main(argv):
     write()
   if "longest" in _PARTS.value:
     longest_rows = longest(devices)
+    write()
+  if not measuring:
     write()
 
 

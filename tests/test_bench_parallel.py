@@ -1,0 +1,35 @@
+"""experiments.bench.parallel: the longest-T search runs end to end, and runs split over processes merge."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _bench(*args, devices=1, check=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.bench.parallel", "--width=32", "--num_layers=1",
+                         "--num_heads=2", "--start_len=1024", "--max_len=2048", "--bisect=0", *args],
+                        env=env, check=check, capture_output=True, text=True, timeout=600)
+
+
+def test_longest_runs_split_over_processes_merge_into_one_table(tmp_path):
+  _bench("--parts=longest", "--devices=1", f"--out={tmp_path / 'one'}")
+  _bench("--parts=longest", "--devices=2", f"--out={tmp_path / 'two'}", devices=2)
+  merged = f"--merge_from={tmp_path / 'one' / 'parallel.json'},{tmp_path / 'two' / 'parallel.json'}"
+  _bench("--parts=", merged, f"--out={tmp_path / 'merged'}")
+  rows = json.loads((tmp_path / "merged" / "parallel.json").read_text())["rows"]
+  # CPU devices report no memory limit, so every length up to --max_len trains.
+  assert [(r["part"], r["devices"], r["longest_seq_len"], r["vs_one_device"]) for r in rows] == [
+      ("longest", 1, 2048, 1.0), ("longest", 2, 2048, 1.0)]
+  assert "| 2 | 2048 | None | 1.00x |" in (tmp_path / "merged" / "parallel.md").read_text()
+  # Rows of another setting (here: with gradient checkpointing) are refused, naming the file.
+  refused = _bench("--parts=", merged, "--remat", f"--out={tmp_path / 'bad'}", check=False)
+  assert refused.returncode != 0 and "--merge_from file" in refused.stderr
+
+
+def test_nothing_to_run_and_nothing_to_merge_is_refused(tmp_path):
+  refused = _bench("--parts=", f"--out={tmp_path}", check=False)
+  assert refused.returncode != 0 and "--parts=" in refused.stderr
