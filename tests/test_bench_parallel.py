@@ -11,7 +11,7 @@ import pytest
 def _bench(*args, devices=1, check=True):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "experiments.bench.parallel", "--width=32", "--num_layers=1",
-                         "--num_heads=2", "--start_len=1024", "--max_len=2048", "--bisect=0", *args],
+                         "--num_heads=2", "--start_len=1024", "--max_len=1024", "--bisect=0", *args],
                         env=env, check=check, capture_output=True, text=True, timeout=600)
 
 
@@ -21,10 +21,11 @@ def test_longest_runs_split_over_processes_merge_into_one_table(tmp_path):
   merged = f"--merge_from={tmp_path / 'one' / 'parallel.json'},{tmp_path / 'two' / 'parallel.json'}"
   _bench("--parts=", merged, f"--out={tmp_path / 'merged'}")
   rows = json.loads((tmp_path / "merged" / "parallel.json").read_text())["rows"]
-  # CPU devices report no memory limit, so every length up to --max_len trains.
+  # CPU devices report no memory limit, so every length tried trains (2 devices start at their smallest
+  # length, 2048: the ring needs T divisible by 1024 * devices).
   assert [(r["part"], r["devices"], r["longest_seq_len"], r["vs_one_device"]) for r in rows] == [
-      ("longest", 1, 2048, 1.0), ("longest", 2, 2048, 1.0)]
-  assert "| 2 | 2048 | None | 1.00x |" in (tmp_path / "merged" / "parallel.md").read_text()
+      ("longest", 1, 1024, 1.0), ("longest", 2, 2048, 2.0)]
+  assert "| 2 | 2048 | None | 2.00x |" in (tmp_path / "merged" / "parallel.md").read_text()
   # Rows of another setting (here: with gradient checkpointing) are refused, naming the file.
   refused = _bench("--parts=", merged, "--remat", f"--out={tmp_path / 'bad'}", check=False)
   assert refused.returncode != 0 and "--merge_from file" in refused.stderr
