@@ -158,3 +158,16 @@ def test_gpu_pallas_matches_naive(batch, length, dm, n, groups, dtype, options, 
   for name in args:
     chex.assert_tree_all_finite(grads[name])
     assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_the_triton_kernels_where_installed():
+  """impl="auto" on a GPU runs the Triton kernels when jax-triton is installed (the faster GPU path), the Pallas
+  kernels otherwise; Pallas-kernel block sizes keep the Pallas kernels."""
+  import importlib.util  # noqa: PLC0415
+
+  args = make_inputs(9, batch=1, length=300, dm=64, n=16)
+  run = lambda impl, **kw: selective_scan(**args, return_final_state=True, impl=impl, **kw)
+  expected = "triton" if importlib.util.find_spec("jax_triton") else "pallas"
+  chex.assert_trees_all_equal(run("auto"), run(expected))
+  chex.assert_trees_all_equal(run("auto", block_sizes=BlockSizes()), run("pallas", block_sizes=BlockSizes()))

@@ -14,8 +14,12 @@ from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, triton_con
 # "xla": the chunked jnp reference (autodiff for gradients). "pallas": the fused Pallas kernels with their own
 # backward (`pallas_tpu` on a TPU backend, else `pallas_gpu`; interpret mode off their platform). "triton": the
 # Triton-language kernels of `triton.py` through jax-triton (GPU only; parallel along L inside a chunk). "auto":
-# Pallas on GPU and TPU (where the TPU kernels take the group layout), the reference elsewhere.
+# on GPU the Triton kernels where jax-triton is installed and they take the inputs (else Pallas), Pallas on TPU
+# (where the TPU kernels take the group layout), the reference elsewhere.
 IMPLEMENTATIONS = ("xla", "pallas", "triton", "auto")
+# Why "auto" prefers the Triton kernels on GPU: experiments/bench/selective_scan.py on one H200 (B=4, L=8K,
+# Dm=1536, N=16, commit bebe0be, benchmarks/results/selective_scan_triton.md), ms fwd / fwd+bwd: fp32 triton
+# 1.48 / 5.56 vs pallas 2.58 / 17.09; bf16 triton 1.84 / 6.26 vs pallas 2.60 / 15.03 (GPU tests: 6 passed).
 _TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
@@ -92,7 +96,8 @@ def selective_scan(
     return_final_state: also return the state after the last token, [B, Dm, N] fp32.
     impl: "xla" (the reference), "pallas" (fused kernels: `pallas_tpu` on a TPU backend, else `pallas_gpu`;
       interpret mode off their platform), "triton" (the Triton-language kernels of `triton.py` through
-      jax-triton; GPU only) or "auto" (Pallas on GPU and TPU, the reference elsewhere).
+      jax-triton; GPU only) or "auto" (on GPU the Triton kernels where jax-triton is installed, else Pallas;
+      Pallas on TPU; the reference elsewhere).
     chunk_size: tokens per chunk of the reference scan; memory is O(B * chunk_size * Dm * N).
     block_sizes: tiles of the Pallas kernels (default `BlockSizes.get_default(N)`, block_d shrunk to divide
       Dm / G; on a TPU backend a `pallas_tpu.BlockSizes`); the backward keeps B * ceil(L / block_sizes.chunk)
@@ -114,6 +119,8 @@ def selective_scan(
     on_tpu = backend.pallas_platform() == "tpu"
     groups = 1 if B.ndim == 3 else B.shape[2]
     impl = "pallas" if backend.on_gpu() or (on_tpu and pallas_tpu.unsupported(x.shape[2], groups) is None) else "xla"
+    if impl == "pallas" and backend.on_gpu() and _triton_takes(x, dt, B, C, z, block_sizes):
+      impl = "triton"
   if impl == "pallas":
     y, state = _pallas_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                             initial_state=initial_state, block_sizes=block_sizes)
@@ -127,6 +134,14 @@ def selective_scan(
       initial_state=initial_state, chunk_size=chunk_size,
   )
   return (y, state) if return_final_state else y
+
+
+def _triton_takes(x, dt, B, C, z, block_sizes) -> bool:
+  """Whether impl="auto" may run the Triton kernels: jax-triton installed, dtypes they take, and no Pallas-kernel
+  block sizes asked for."""
+  dtypes_ok = all(a is None or a.dtype in _TRITON_DTYPES for a in (x, dt, B, C, z))
+  tiles_ok = block_sizes is None or isinstance(block_sizes, triton_config.BlockSizes)
+  return dtypes_ok and tiles_ok and _triton_installed()
 
 
 def _triton_installed() -> bool:
