@@ -76,7 +76,8 @@ _MESH = flags.DEFINE_string(
     "Device mesh, overriding config.train.mesh: e.g. data:2,sequence:2 (ring attention / sequence-parallel scans "
     "over `sequence`); sizes multiply to the device count, and one may be -1.",
 )
-_FSDP = flags.DEFINE_bool("fsdp", None, "Overrides config.train.fsdp: shard parameters and optimizer state over every device.")
+_FSDP = flags.DEFINE_bool("fsdp", None, "Overrides config.train.fsdp: shard parameters and optimizer state over "
+                          "every device.")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir without training.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: host:port of process 0; calls jax.distributed.initialize."
