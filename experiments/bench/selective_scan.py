@@ -115,7 +115,7 @@ def _int_fields(fields: list[str]) -> dict[str, int]:
 def _triton_blocks(spec: str) -> TritonBlockSizes:
   """'block_d=8:chunk=32:atomic_bc=1' -> TritonBlockSizes(block_d=8, chunk=32, atomic_bc=True)."""
   fields = _int_fields(spec.split(":"))
-  return TritonBlockSizes(**{k: bool(v) if k == "atomic_bc" else v for k, v in fields.items()})
+  return TritonBlockSizes(**{k: bool(v) if k in ("atomic_bc", "prefetch") else v for k, v in fields.items()})
 
 
 def _segmented_blocks(spec: str) -> BlockSizes:

@@ -6,11 +6,11 @@ tokens; for a chunk it forms the per-token affine state updates h -> a_t h + b_t
 
   a_t = exp(delta_t A),   b_t = delta_t x_t B_t,   delta_t = softplus(dt_t + dt_bias) (or dt_t + dt_bias),
 
-composes them along the token axis with `tl.associative_scan` under (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2),
-and applies the composite to the state carried in from the previous chunk: h_t = B_t' + A_t' h_carry. The
-carry to the next chunk is the composite at the chunk's last token applied to the carry, a multiply-add that
-does not wait for the scan of the next chunk, so the loop-carried dependency is one FMA per chunk.
-y_t = (C_t . h_t + D x_t) silu(z_t). Tokens past L load as zeros with delta = 0, i.e. a = 1, b = 0: the
+folds the state carried in from the previous chunk into the first token's update (b_0 + a_0 h_carry) and
+composes them along the token axis with `tl.associative_scan` under (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2):
+the b component is then the state after each token, and the last one is the carry to the next chunk. A tile's
+tokens live in one thread, so the scan is the recurrence h_t = a_t h_{t-1} + b_t in registers, one FMA per
+state element. y_t = (C_t . h_t + D x_t) silu(z_t). Tokens past L load as zeros with delta = 0, i.e. a = 1, b = 0: the
 carry passes through them unchanged.
 
 Backward, chunks in reverse, tiles [LC_bwd, N, block_d_bwd]: the forward (when differentiated) writes the
@@ -54,6 +54,8 @@ from triton.language.extra import libdevice
 from kernels.selective_scan.triton_config import BlockSizes
 
 f32 = jnp.float32
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,16 @@ def _combine_shifted(f1, p1, a1, f2, p2, a2):
 
 
 @triton.jit
+def _enter(b, a, h, LC: tl.constexpr):
+  """b [LC, NP, BD] with the state h [NP, BD] carried into its first token, b_0 + a_0 h: scanned with a, the b
+  component is then the state after each token. The scan runs in registers, one token after the other, so its
+  product of decays is dead (never read) and the chain costs one FMA per element, where composing first and
+  applying the composite to h after costs three: the compiled (sm_90, default tiles) chunk loops shrank from 639
+  to 571 SASS instructions (forward) and from 1481 to 1425 (backward)."""
+  return b + tl.where((tl.arange(0, LC) == 0)[:, None, None], a * h[None, :, :], 0.0)
+
+
+@triton.jit
 def _row(v, j, LC: tl.constexpr):
   """v [LC, X, Y] at token j, as [X, Y]: a masked sum (in registers: tokens are per thread), since tiles cannot
   be indexed."""
@@ -114,28 +126,46 @@ def _sigmoid(u):
 
 
 @triton.jit
+def _widen(v):
+  """v as fp32. Half-precision values convert through inline PTX rather than `.to(tl.float32)`: Triton moves a
+  conversion's layout change in front of an extf, to shuffle half the bytes, and then widens every replica of a
+  broadcast tile (B and C once per channel lane, x once per state lane), and with dt it also evaluated the softplus
+  replicated over the state lanes. Opaque to that rewrite, the conversion stays in the load's layout, one shift
+  per loaded element. Compiled for sm_90 at the default tiles, before prefetch and _exp2, the bf16 forward went
+  from 1064 SASS instructions per chunk (fp32: 936) to 960 and the fp32 kernel's 10.2 FP32 instructions per tile
+  element, the backward from 2016 (fp32: 1864) and 32 bytes of spills to 1888 and none."""
+  if v.dtype.is_bf16():
+    v = tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [v], dtype=tl.float32, is_pure=True, pack=1)
+  elif v.dtype.is_fp16():
+    v = tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [v], dtype=tl.float32, is_pure=True, pack=1)
+  else:
+    v = v.to(tl.float32)
+  return v
+
+
+@triton.jit
 def _load_rows(ptr, offsets, mask):
-  return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+  return _widen(tl.load(ptr + offsets, mask=mask, other=0.0))
 
 
 @triton.jit
-def _pin_layout(v):
-  """v [LC, BD] unchanged (v + 0), through a reduction that Triton does not rematerialise in another layout. With
-  bf16 rows the compiler otherwise moves the layout conversion of dt from after the softplus to right after the
-  load (half the bytes) and evaluates the softplus in the broadcast layout, replicated over the state lanes: the
-  bf16 forward compiled to 18.9 FP32 instructions per tile element against 10.7 with this and fp32's 10.2."""
-  return tl.sum(tl.join(v, tl.zeros_like(v)), axis=2)
+def _exp2(v):
+  """2^v, flushing denormal inputs and results to zero. tl.exp and tl.exp2 compile to ex2.approx.f32, which ptxas
+  wraps in a range check and two predicated multiplies for denormal results; here those are decays below 2^-126,
+  as good as 0. With A pre-scaled by log2(e) (no multiply by it per element either) an element's decay is 2
+  instructions instead of 6."""
+  return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _decays(dt_ptr, offsets, mask, bias, A, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
-  """(u = dt + dt_bias, delta, a = exp(delta A)) of the tokens at offsets: [LC, BD], [LC, BD], [LC, NP, BD].
-  delta is 0 where mask is off (past L), so a = 1 and b = delta x B = 0 there."""
-  u = _pin_layout(_load_rows(dt_ptr, offsets, mask))
+def _decays(dt, mask, bias, A2, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+  """(u = dt + dt_bias, delta, a = exp(delta A) = 2^(delta A2)) of dt [LC, BD] (fp32), A2 = A log2(e) [NP, BD]:
+  [LC, BD], [LC, BD], [LC, NP, BD]. delta is 0 where mask is off (past L), so a = 1 and b = delta x B = 0 there."""
+  u = dt
   if HAS_BIAS:
     u = u + bias[None, :]
   delta = tl.where(mask, _discretize(u, SOFTPLUS), 0.0)
-  return u, delta, tl.exp(delta[:, None, :] * A[None, :, :])
+  return u, delta, _exp2(delta[:, None, :] * A2[None, :, :])
 
 
 @triton.jit
@@ -168,8 +198,9 @@ def _program(BD: tl.constexpr, NP: tl.constexpr, L: tl.constexpr, DM: tl.constex
 @triton.jit
 def _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_D: tl.constexpr):
-  """A [NP, BD] (0 in the padded states), dt_bias and D [BD] of the channels dd, fp32 (zeros when absent)."""
-  A = tl.load(a_ptr + dd[None, :] * N + nn[:, None], mask=state_mask, other=0.0).to(tl.float32)
+  """A2 = A log2(e) [NP, BD] (0 in the padded states), dt_bias and D [BD] of the channels dd, fp32 (zeros when
+  absent)."""
+  A2 = tl.load(a_ptr + dd[None, :] * N + nn[:, None], mask=state_mask, other=0.0).to(tl.float32) * _LOG2E
   if HAS_BIAS:
     bias = tl.load(bias_ptr + dd).to(tl.float32)
   else:
@@ -178,26 +209,46 @@ def _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N: tl.constexpr,
     d_skip = tl.load(d_ptr + dd).to(tl.float32)
   else:
     d_skip = tl.zeros(dd.shape, tl.float32)
-  return A, bias, d_skip
+  return A2, bias, d_skip
 
 
 @triton.jit
-def _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn,
-                L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
-                SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
-  """A chunk's tokens t [LC], the pointers at this program's batch row: row offsets and mask [LC, BD],
-  x, u, delta [LC, BD], B, C [LC, NP] and the update h -> a h + b as a, b [LC, NP, BD], all fp32 (zeros past L,
-  a = 1)."""
+def _chunk_offsets(t, dd, nn, L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+  """Offsets and masks of the tokens t [LC] at this program's batch row: rows [LC, BD], B/C [LC, NP]."""
   tmask = t < L
   offsets = t[:, None] * DM + dd[None, :]
   mask = tmask[:, None] & (dd < DM)[None, :]
   bc_offsets = t[:, None] * (G * N) + nn[None, :]
   bc_mask = tmask[:, None] & (nn < N)[None, :]
-  x = _load_rows(x_ptr, offsets, mask)
-  u, delta, a = _decays(dt_ptr, offsets, mask, bias, A, SOFTPLUS, HAS_BIAS)
-  bm = _load_rows(b_ptr, bc_offsets, bc_mask)
-  cm = _load_rows(c_ptr, bc_offsets, bc_mask)
-  b = (delta * x)[:, None, :] * bm[:, :, None]
+  return offsets, mask, bc_offsets, bc_mask
+
+
+@triton.jit
+def _load_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, t, dd, nn,
+                 L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+  """x, dt [LC, BD] and B, C [LC, NP] of the tokens t, fp32 (zeros past L)."""
+  offsets, mask, bc_offsets, bc_mask = _chunk_offsets(t, dd, nn, L, DM, G, N)
+  return (_load_rows(x_ptr, offsets, mask), _load_rows(dt_ptr, offsets, mask), _load_rows(b_ptr, bc_offsets, bc_mask),
+          _load_rows(c_ptr, bc_offsets, bc_mask))
+
+
+@triton.jit
+def _updates(x, dt, bm, mask, bias, A2, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+  """u, delta [LC, BD] and the update h -> a h + b as a, b [LC, NP, BD] of a chunk's loaded inputs."""
+  u, delta, a = _decays(dt, mask, bias, A2, SOFTPLUS, HAS_BIAS)
+  return u, delta, a, (delta * x)[:, None, :] * bm[:, :, None]
+
+
+@triton.jit
+def _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A2, t, dd, nn,
+                L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr):
+  """A chunk's tokens t [LC], the pointers at this program's batch row: row offsets and mask [LC, BD],
+  x, u, delta [LC, BD], B, C [LC, NP] and the update h -> a h + b as a, b [LC, NP, BD], all fp32 (zeros past L,
+  a = 1)."""
+  offsets, mask, _bc_offsets, _bc_mask = _chunk_offsets(t, dd, nn, L, DM, G, N)
+  x, dt, bm, cm = _load_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, t, dd, nn, L, DM, G, N)
+  u, delta, a, b = _updates(x, dt, bm, mask, bias, A2, SOFTPLUS, HAS_BIAS)
   return offsets, mask, x, u, delta, bm, cm, a, b
 
 
@@ -211,12 +262,12 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
                     L: tl.constexpr, DM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                     BD: tl.constexpr, LC: tl.constexpr, NC: tl.constexpr, CK: tl.constexpr, NCK: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr):
+                    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, PREFETCH: tl.constexpr):
   """y and the final state, walking NC chunks of LC; with SAVE_STATES also states[b, k] = the state before
-  token k * CK, [B, NCK, Dm, N] fp32."""
+  token k * CK, [B, NCK, Dm, N] fp32. With PREFETCH each chunk loads the next one's inputs before its own scan."""
   # Every unpacked value gets its own name: Triton would carry a reused `_` through the loop with changing types.
   _block, row, dd, nn, seq_base, bc_base, state_offsets, state_mask = _program(BD, NP, L, DM, G, N)
-  A, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
+  A2, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
   x_ptr, dt_ptr, z_ptr, y_ptr = x_ptr + seq_base, dt_ptr + seq_base, z_ptr + seq_base, y_ptr + seq_base
   b_ptr, c_ptr = b_ptr + bc_base, c_ptr + bc_base
   # Checkpoint k of this batch row: states_ptr + k * DM * N + d * N + n.
@@ -230,21 +281,39 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
   if SAVE_STATES:
     if CK != LC:
       tl.store(states_ptr + state_tile, h, mask=state_mask)
+  if PREFETCH:
+    # Triton's pipeliner leaves these loads alone (no cp.async in the compiled loop), so each chunk would wait a
+    # full memory latency for its inputs with only ~3 warps per scheduler (1536 one-warp programs) to cover it;
+    # carried in registers (22 per thread at the default tiles) they arrive while the previous chunk computes.
+    x_next, dt_next, b_next, c_next = _load_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, ll, dd, nn, L, DM, G, N)
+    if HAS_Z:
+      first_offsets, first_mask, _first_bc_offsets, _first_bc_mask = _chunk_offsets(ll, dd, nn, L, DM, G, N)
+      z_next = _load_rows(z_ptr, first_offsets, first_mask)
   for i in range(0, NC):
     if SAVE_STATES:
       if CK == LC:
         # Checkpoints at chunk starts: the carry is the checkpoint.
         tl.store(states_ptr + i * (DM * N) + state_tile, h, mask=state_mask)
     t = i * LC + ll
-    offsets, mask, x, _u, _delta, _bm, cm, a, b = _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn, L,
-                                                              DM, G, N, SOFTPLUS, HAS_BIAS)
-    scan_a, scan_b = tl.associative_scan((a, b), 0, _combine)
-    states = scan_b + scan_a * h[None, :, :]  # the state after each token
+    offsets, mask, _bc_offsets, _bc_mask = _chunk_offsets(t, dd, nn, L, DM, G, N)
+    if PREFETCH:
+      x, dt, bm, cm = x_next, dt_next, b_next, c_next
+      # Past the last chunk these are masked off (t >= L): no access.
+      x_next, dt_next, b_next, c_next = _load_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, t + LC, dd, nn, L, DM, G, N)
+      if HAS_Z:
+        next_offsets, next_mask, _next_bc_offsets, _next_bc_mask = _chunk_offsets(t + LC, dd, nn, L, DM, G, N)
+        z = z_next
+        z_next = _load_rows(z_ptr, next_offsets, next_mask)
+    else:
+      x, dt, bm, cm = _load_inputs(x_ptr, dt_ptr, b_ptr, c_ptr, t, dd, nn, L, DM, G, N)
+      if HAS_Z:
+        z = _load_rows(z_ptr, offsets, mask)
+    _u, _delta, a, b = _updates(x, dt, bm, mask, bias, A2, SOFTPLUS, HAS_BIAS)
+    _scan_a, states = tl.associative_scan((a, _enter(b, a, h, LC)), 0, _combine)  # the state after each token
     y = tl.sum(states * cm[:, :, None], axis=1)
     if HAS_D:
       y += d_skip[None, :] * x
     if HAS_Z:
-      z = _load_rows(z_ptr, offsets, mask)
       y = y * z * _sigmoid(z)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_STATES:
@@ -255,8 +324,7 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
         keep = ((after % CK) == 0) & (after < L)
         tl.store(states_ptr + (after // CK)[:, None, None] * (DM * N) + state_tile[None, :, :], states,
                  mask=keep[:, None, None] & state_mask[None, :, :])
-    # The carry: the chunk's composite applied to the incoming state, independent of `states` above.
-    h = _row(scan_b, LC - 1, LC) + _row(scan_a, LC - 1, LC) * h
+    h = _row(states, LC - 1, LC)
   tl.store(final_ptr + state_offsets, h, mask=state_mask)
 
 
@@ -275,7 +343,7 @@ def _backward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,
   [B, Dm, N].
   """
   block, row, dd, nn, seq_base, bc_base, state_offsets, state_mask = _program(BD, NP, L, DM, G, N)
-  A, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
+  A2, bias, d_skip = _channel_params(a_ptr, bias_ptr, d_ptr, dd, nn, state_mask, N, HAS_BIAS, HAS_D)
   x_ptr, dt_ptr, z_ptr, dy_ptr = x_ptr + seq_base, dt_ptr + seq_base, z_ptr + seq_base, dy_ptr + seq_base
   dx_ptr, ddt_ptr, dz_ptr = dx_ptr + seq_base, ddt_ptr + seq_base, dz_ptr + seq_base
   b_ptr, c_ptr = b_ptr + bc_base, c_ptr + bc_base
@@ -297,11 +365,10 @@ def _backward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,
   for j in range(0, NCK):
     i = NCK - 1 - j
     t = i * LC + ll
-    offsets, mask, x, u, delta, bm, cm, a, b = _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A, t, dd, nn, L,
+    offsets, mask, x, u, delta, bm, cm, a, b = _load_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, bias, A2, t, dd, nn, L,
                                                            DM, G, N, SOFTPLUS, HAS_BIAS)
     h_start = tl.load(states_ptr + i * (DM * N) + nn[:, None] + dd[None, :] * N, mask=state_mask, other=0.0)
-    scan_a, scan_b = tl.associative_scan((a, b), 0, _combine)
-    h = scan_b + scan_a * h_start[None, :, :]
+    _scan_a, h = tl.associative_scan((a, _enter(b, a, h_start, LC)), 0, _combine)
     dy = _load_rows(dy_ptr, offsets, mask)
     if HAS_Z:
       z = _load_rows(z_ptr, offsets, mask)
@@ -329,7 +396,7 @@ def _backward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr,
     g = dh_all * decayed
     da += tl.sum(g * delta[:, None, :], axis=0)
     dh_b = tl.sum(dh_all * bm[:, :, None], axis=1)  # sum_n dh_t B_t
-    ddelta = tl.sum(g * A[None, :, :], axis=1) + x * dh_b
+    ddelta = tl.sum(g * A2[None, :, :], axis=1) * _LN2 + x * dh_b  # sum_n g A: the ln 2 after the sum
     dx = delta * dh_b
     if HAS_D:
       dx += d_skip[None, :] * dp
@@ -398,7 +465,8 @@ def forward(x, dt, a, b, c, d, z, dt_bias, h0, *, st: Static, blocks: BlockSizes
   y, final, states = _launch(_forward_kernel, inputs, outputs, grid=(dm // blocks.block_d, batch),
                              num_warps=blocks.num_warps, num_stages=blocks.num_stages, **_sizes(x, b, st),
                              BD=blocks.block_d, LC=blocks.chunk, NC=-(-length // blocks.chunk),
-                             CK=blocks.chunk_bwd, NCK=num_checkpoints, SAVE_STATES=save_states)
+                             CK=blocks.chunk_bwd, NCK=num_checkpoints, SAVE_STATES=save_states,
+                             PREFETCH=blocks.prefetch)
   return y, final, (states if save_states else None)
 
 
