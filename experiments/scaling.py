@@ -223,12 +223,13 @@ def compiled_memory(variant: str, seq_len: int, options: dict[str, object], size
 
 def search_longest(
     variant: str, rows: list[Row], memory_gib: Callable[[int], float], limit_gib: float, max_len: int,
-    bisect: int, unit: int = 1024,
+    bisect: int, unit: int = 1024, on_row: Callable[[Row], None] = lambda row: None,
 ) -> list[Row]:
   """Rows "fits" / "too big" for lengths past the last timed one that ran: doubling until the compiled step needs
   more than limit_gib (or max_len), then `bisect` halvings of the gap on multiples of `unit`. A timed length that
   ran out of memory is the first "too big" already; a variant stopped for time ("slow") or by an error is not
-  searched (memory is not its wall)."""
+  searched (memory is not its wall). on_row sees each row as it is found (a search cut short by a time limit
+  keeps what it found)."""
   ran = [r.seq_len for r in rows if r.status == "ok"]
   if not ran or any(r.status == "slow" or r.status.startswith("error") for r in rows):
     return []
@@ -242,6 +243,7 @@ def search_longest(
     found.append(Row(variant, seq_len, "fits" if ok else "too big", memory_gib=None if needed == float("inf")
                      else needed))
     print(f"{variant:>15} T={seq_len:>7}: {found[-1].status} ({needed:.2f} of {limit_gib:.2f} GiB)", flush=True)
+    on_row(found[-1])
     return ok
 
   while bad is None and good * 2 <= max_len:
@@ -268,7 +270,7 @@ def _longest(rows: list[Row], variant: str) -> str:
     return ""
   good = max(fitting)
   bad = min((t for t in too_big if t > good), default=None)
-  return f"{_length(good)}" + (f" ({_length(bad)} does not)" if bad else " (search limit)")
+  return f"{_length(good)}" + (f" ({_length(bad)} does not)" if bad else " (the longest tried)")
 
 
 def _length(t: int) -> str:
@@ -412,9 +414,14 @@ def main(argv):
       rows.extend(scan_variant(name, lengths, measure_length, FLAGS.max_step_s))
     if name in to_search:
       timed = [row for row in rows if row.variant == name]
-      memory_gib = functools.partial(compiled_memory, name, options=options, size=size)
       # The same rule as the timed rows' "oom": XLA's account of the compiled step against the device's limit.
-      rows.extend(search_longest(name, timed, memory_gib, limit, FLAGS.longest_max, FLAGS.longest_bisect))
+      memory_gib = functools.partial(compiled_memory, name, options=options, size=size)
+
+      def keep(row: Row) -> None:  # rewritten after each length, so a search stopped by a time limit keeps it
+        rows.append(row)
+        _write(rows, lengths, size, user_options, env)
+
+      search_longest(name, timed, memory_gib, limit, FLAGS.longest_max, FLAGS.longest_bisect, on_row=keep)
     # Rewritten after every variant, so a sweep stopped by a time limit keeps what it measured.
     _write(rows, lengths, size, user_options, env)
   if not to_measure and not to_search:  # a merge only

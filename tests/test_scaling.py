@@ -51,7 +51,7 @@ def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path
   first_rows = json.loads((first / "scaling.json").read_text())["rows"]
   assert [r for r in results["rows"] if r["variant"] == "full"] == first_rows
   table = (tmp_path / "scaling.md").read_text()
-  assert "| mamba |" in table and "| full |" in table and "| 64 (search limit) |" in table
+  assert "| mamba |" in table and "| full |" in table and "| 64 (the longest tried) |" in table
   if importlib.util.find_spec("matplotlib"):
     assert (tmp_path / "scaling.png").stat().st_size > 0
   # A merge with --longest_bisect searches the merged variant that has no search yet (mamba), not full again.
