@@ -11,6 +11,9 @@ generated at other lengths (tasks with `test_seq_len`: MQAR, induction heads, se
 how length extrapolation is measured without retraining. `--set=train.num_steps=200` (repeatable) changes the
 task's configuration for every run, e.g. for a quick smoke run. `--parallel_gpus=4` runs four at a time, one per
 GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/), and merges their tables.
+A comparison split over machines that do not share a workdir (say, time-limited calls, each with a --variants
+subset) comes together with `--merge_from=a/compare_listops.json,b/compare_listops.json`: runs in those tables
+count as done and join the new table (with nothing left to run, the command only merges).
 
 Writes compare_<task>[_<field>].json and .md under --out_dir: test accuracy per variant, mean and standard
 deviation over seeds, and for ListOps the Long Range Arena paper's numbers (Tay et al., 2021, Table 1).
@@ -57,6 +60,8 @@ def define_flags() -> None:
                        "(CUDA_VISIBLE_DEVICES); the table merges them. 1: one after another in this process.")
   flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
                       "for its worker processes).")
+  flags.DEFINE_list("merge_from", [], "compare_<task>.json files of earlier comparisons of the same task, overrides "
+                    "and sweep on the same device: their runs count as done (not run again) and join the table.")
 
 
 # Long Range Arena (Tay et al., 2021), Table 1, ListOps test accuracy (%), by our variant names; "S4" is the
@@ -207,15 +212,35 @@ def main(argv):
 
   name_suffix = f"_{sweep_field.split('.')[-1]}" if sweep_field else ""
   table_name = f"compare_{FLAGS.task}{name_suffix}"
+  comparison = {"task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep}
+  try:
+    # Read before anything runs, against the first file's device; this machine's is checked below if it runs.
+    earlier, earlier_env = load_earlier(FLAGS.merge_from, None)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  if earlier_env is not None and any(earlier_env.get(k) != v for k, v in comparison.items()):
+    raise app.UsageError(f"--merge_from files compare {earlier_env.get('task')!r} with overrides "
+                         f"{earlier_env.get('overrides')} and sweep {earlier_env.get('sweep')!r}; this command "
+                         f"{FLAGS.task!r} with {FLAGS.set} and {FLAGS.sweep!r}")
+  done = {_key(run) for run in earlier}
+  planned = [(value, name, seed) for value in sweep_values for name in names for seed in map(int, FLAGS.seeds)
+             if (name, seed, value) not in done]
+  if not planned:  # a merge only
+    write_results(FLAGS.out_dir, table_name, earlier_env, _rows(earlier),
+                  markdown(FLAGS.task, earlier, sweep_field, eval_lengths))
+    return
+  env = environment() | comparison | {"devices": jax.device_count()}
+  if earlier_env is not None:
+    try:
+      _, env = load_earlier(FLAGS.merge_from, env)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
   if FLAGS.parallel_gpus > 1:
-    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths)
+    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, len(planned))
     return
   index, count = parse_run_slice(FLAGS.run_slice)
-  planned = [(value, name, seed) for value in sweep_values for name in names for seed in map(int, FLAGS.seeds)]
-  env = environment() | {
-      "task": FLAGS.task, "overrides": FLAGS.set, "sweep": FLAGS.sweep, "devices": jax.device_count(),
-  }
-  runs = []
+  # Worker processes (--run_slice) write only their own runs; their parent adds the earlier ones.
+  runs = [] if FLAGS.run_slice else list(earlier)
   for value, name, seed in planned[index::count]:
     config = copy.deepcopy(base)
     folder = Path(FLAGS.workdir) / FLAGS.task
@@ -227,8 +252,43 @@ def main(argv):
     where = f" {sweep_field}={value}" if sweep_field else ""
     print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
     # Rewritten after every run: a comparison stopped part-way still leaves the table of what finished.
-    rows = json.loads(json.dumps([dataclasses.asdict(r) for r in runs]))
-    write_results(FLAGS.out_dir, table_name, env, rows, markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+    write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+
+
+# Environment fields that must agree for runs of two tables to share one.
+_SAME_COMPARISON = ("device", "task", "overrides", "sweep")
+
+
+def load_earlier(paths: list[str], env: dict | None) -> tuple[list[Run], dict | None]:
+  """Runs of earlier compare tables and the environment they join: every file must match env (None: the first
+  file) in device, task, overrides and sweep (else ValueError naming the file); commits are all listed. A run
+  (variant, seed, sweep value) already read keeps its first row."""
+  runs: list[Run] = []
+  for path in paths:
+    with open(path) as f:
+      saved = json.load(f)
+    theirs = saved["environment"]
+    if env is None:
+      env = dict(theirs)
+    differs = [key for key in _SAME_COMPARISON if theirs.get(key) != env.get(key)]
+    if differs:
+      raise ValueError(f"--merge_from file {path} is not valid here: its {', '.join(differs)} "
+                       f"({', '.join(repr(theirs.get(k)) for k in differs)}) differ from this comparison's "
+                       f"({', '.join(repr(env.get(k)) for k in differs)})")
+    commits = env["commit"].split(", ")
+    env = env | {"commit": ", ".join(commits + [c for c in theirs["commit"].split(", ") if c not in commits])}
+    known = {_key(run) for run in runs}
+    runs.extend(run for run in runs_from_rows(saved["rows"]) if _key(run) not in known)
+  return runs, env
+
+
+def _key(run: Run) -> tuple:
+  return run.variant, run.seed, run.sweep_value
+
+
+def _rows(runs: list[Run]) -> list[dict]:
+  """JSON rows of runs (through JSON, so they compare equal to rows read back from a file)."""
+  return json.loads(json.dumps([dataclasses.asdict(run) for run in runs]))
 
 
 def parse_run_slice(spec: str) -> tuple[int, int]:
@@ -256,7 +316,8 @@ def merge_slices(slices: dict[int, list[Run]], count: int) -> list[Run]:
   return [by_index[k] for k in sorted(by_index)]
 
 
-def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths) -> None:
+def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier: list[Run],
+                     planned_count: int) -> None:
   """One worker process per GPU, each running every N-th run with this command line, then one merged table.
 
   The task data is generated here first (it is cached on disk), so the workers only read it. This process
@@ -267,7 +328,7 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths) 
     if sweep_field:
       assign(config, sweep_field.split("."), value)
     build_task(config.task, config.cache_dir or None)
-  count = FLAGS.parallel_gpus
+  count = min(FLAGS.parallel_gpus, planned_count)
   out = Path(FLAGS.out_dir)
   workers = []
   for index in range(count):
@@ -279,10 +340,9 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths) 
   parts = {i: json.loads(path.read_text()) for i, path in results.items() if path.exists()}
   if not parts:
     raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
-  runs = merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
+  runs = earlier + merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
   env = {**next(iter(parts.values()))["environment"], "devices": count, "parallel_gpus": count}
-  write_results(FLAGS.out_dir, table_name, env, json.loads(json.dumps([dataclasses.asdict(r) for r in runs])),
-                markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+  write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
   if failed:
     raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")
 

@@ -63,3 +63,26 @@ def test_parallel_workers_slices_and_merge():
   assert compare.merge_slices(slices, 2) == planned
   rows = [dataclasses.asdict(run) for run in planned]
   assert compare.runs_from_rows(json.loads(json.dumps(rows))) == planned
+
+
+def _table_file(path, runs, **environment):
+  env = {"device": "H200", "commit": "abc", "task": "listops", "overrides": [], "sweep": "", **environment}
+  path.write_text(json.dumps({"environment": env, "rows": [dataclasses.asdict(run) for run in runs]}))
+  return str(path)
+
+
+def test_earlier_tables_merge_and_must_be_the_same_comparison(tmp_path):
+  first = _table_file(tmp_path / "a.json", [compare.Run("full", 0, None, "ok", 10, 0.36)])
+  second = _table_file(tmp_path / "b.json", [compare.Run("full", 0, None, "ok", 10, 0.99),
+                                            compare.Run("mamba", 0, None, "ok", 10, 0.5)], commit="def")
+  runs, env = compare.load_earlier([first, second], None)
+  # A run in two files keeps its first row; the commits of both are listed.
+  assert [(r.variant, r.test_accuracy) for r in runs] == [("full", 0.36), ("mamba", 0.5)]
+  assert env["commit"] == "abc, def"
+  other = _table_file(tmp_path / "c.json", [], overrides=["train.num_steps=5"])
+  with pytest.raises(ValueError, match=r"c.json is not valid here: its overrides"):
+    compare.load_earlier([first, other], None)
+  elsewhere = _table_file(tmp_path / "d.json", [], device="cpu")
+  with pytest.raises(ValueError, match=r"d.json is not valid here: its device"):
+    compare.load_earlier([elsewhere], {"device": "H200", "commit": "x", "task": "listops", "overrides": [],
+                                        "sweep": ""})
