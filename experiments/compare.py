@@ -36,7 +36,7 @@ from absl import app, flags, logging
 
 from efficient_attention import variant_names
 from experiments import configs, modeling
-from experiments.bench.timing import environment, write_results
+from experiments.bench.timing import environment, joined_environment, write_results
 from experiments.checkpoint import Checkpointer, quiet_orbax_logs
 from experiments.cli import literal
 from experiments.data import make_mesh
@@ -232,11 +232,11 @@ def main(argv):
   env = environment() | comparison | {"devices": jax.device_count()}
   if earlier_env is not None:
     try:
-      _, env = load_earlier(FLAGS.merge_from, env)
+      env = joined_environment(env, earlier_env, "--merge_from files")
     except ValueError as error:
       raise app.UsageError(str(error)) from None
   if FLAGS.parallel_gpus > 1:
-    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, len(planned))
+    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, len(planned), env)
     return
   index, count = parse_run_slice(FLAGS.run_slice)
   # Worker processes (--run_slice) write only their own runs; their parent adds the earlier ones.
@@ -267,16 +267,7 @@ def load_earlier(paths: list[str], env: dict | None) -> tuple[list[Run], dict | 
   for path in paths:
     with open(path) as f:
       saved = json.load(f)
-    theirs = saved["environment"]
-    if env is None:
-      env = dict(theirs)
-    differs = [key for key in _SAME_COMPARISON if theirs.get(key) != env.get(key)]
-    if differs:
-      raise ValueError(f"--merge_from file {path} is not valid here: its {', '.join(differs)} "
-                       f"({', '.join(repr(theirs.get(k)) for k in differs)}) differ from this comparison's "
-                       f"({', '.join(repr(env.get(k)) for k in differs)})")
-    commits = env["commit"].split(", ")
-    env = env | {"commit": ", ".join(commits + [c for c in theirs["commit"].split(", ") if c not in commits])}
+    env = joined_environment(env, saved["environment"], f"--merge_from file {path}", same=_SAME_COMPARISON)
     known = {_key(run) for run in runs}
     runs.extend(run for run in runs_from_rows(saved["rows"]) if _key(run) not in known)
   return runs, env
@@ -317,7 +308,7 @@ def merge_slices(slices: dict[int, list[Run]], count: int) -> list[Run]:
 
 
 def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier: list[Run],
-                     planned_count: int) -> None:
+                     planned_count: int, env: dict) -> None:
   """One worker process per GPU, each running every N-th run with this command line, then one merged table.
 
   The task data is generated here first (it is cached on disk), so the workers only read it. This process
@@ -341,7 +332,8 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
   if not parts:
     raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
   runs = earlier + merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
-  env = {**next(iter(parts.values()))["environment"], "devices": count, "parallel_gpus": count}
+  # This process's environment: the workers' machine, and the commits of any --merge_from tables.
+  env = {**env, "devices": count, "parallel_gpus": count}
   write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
   if failed:
     raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")

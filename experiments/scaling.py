@@ -41,8 +41,8 @@ from absl import app, flags
 from flax import nnx
 
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
-from experiments.bench.timing import (device_memory_limit, environment, is_out_of_memory, median_ms, program_bytes,
-                                      write_results)
+from experiments.bench.timing import (device_memory_limit, environment, is_out_of_memory, joined_environment,
+                                      median_ms, program_bytes, write_results)
 from experiments.cli import literal
 
 FLAGS = flags.FLAGS
@@ -359,17 +359,6 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
     known = {(row.variant, row.seq_len) for row in rows}
     rows.extend(Row(**r) for r in saved["rows"] if (r["variant"], r["seq_len"]) not in known)
   return rows, env
-
-
-def joined_environment(env: dict | None, other: dict, what: str) -> dict:
-  """The environment of rows from `env` and `other` in one table: one device (else ValueError naming `what`),
-  every commit the rows were measured at."""
-  if env is None:
-    return dict(other)
-  if other["device"] != env["device"]:
-    raise ValueError(f"{what} is not valid here: it ran on {other['device']!r}, earlier rows on {env['device']!r}")
-  commits = env["commit"].split(", ")
-  return env | {"commit": ", ".join(commits + [c for c in other["commit"].split(", ") if c not in commits])}
 
 
 def main(argv):

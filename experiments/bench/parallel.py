@@ -30,7 +30,8 @@ from absl import app, flags
 from flax import nnx
 
 from efficient_attention import DecoderConfig, parallel
-from experiments.bench.timing import device_memory_limit, environment, is_out_of_memory, program_bytes, write_results
+from experiments.bench.timing import (device_memory_limit, environment, is_out_of_memory, joined_environment,
+                                      program_bytes, write_results)
 from experiments.configs.common import base_config
 from experiments.data import shard_batch
 from experiments.trainer import create, train_step
@@ -119,7 +120,7 @@ def throughput(devices: list[int]) -> list[dict]:
       rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
     finally:
       gc.collect()
-  return _with_ratios(rows, "tokens_per_sec", "speedup")
+  return rows
 
 
 def _trains(n: int, seq_len: int) -> bool:
@@ -202,7 +203,7 @@ def longest(devices: list[int]) -> list[dict]:
       traceback.print_exc()
       rows.append({"devices": n, "error": traceback.format_exc(limit=1)[-400:]})
     print(rows[-1], flush=True)
-  return _with_ratios(rows, "longest_seq_len", "vs_one_device")
+  return rows
 
 
 def _with_ratios(rows: list[dict], value: str, ratio: str) -> list[dict]:
@@ -215,19 +216,14 @@ def _with_ratios(rows: list[dict], value: str, ratio: str) -> list[dict]:
   return rows
 
 
-def _merged(paths: list[str], env: dict, setting: str) -> tuple[list[dict], list[dict], dict]:
-  """Rows of earlier parallel.json files, checked to be of env's device and of this setting, split by part; the
+def _merged(paths: list[str], env: dict) -> tuple[list[dict], list[dict], dict]:
+  """Rows of earlier parallel.json files, checked to be of env's device and setting, split by part; the
   environment lists every commit."""
   throughput_rows, longest_rows = [], []
   for path in paths:
     with open(path) as f:
       saved = json.load(f)
-    theirs = saved["environment"]
-    if theirs["device"] != env["device"] or theirs["setting"] != setting:
-      raise app.UsageError(f"--merge_from file {path} is not valid here: it measured {theirs['setting']!r} on "
-                           f"{theirs['device']!r}, this run {setting!r} on {env['device']!r}")
-    commits = env["commit"].split(", ")
-    env = env | {"commit": ", ".join(commits + [c for c in theirs["commit"].split(", ") if c not in commits])}
+    env = joined_environment(env, saved["environment"], f"--merge_from file {path}", same=("device", "setting"))
     for row in saved["rows"]:
       part = row.pop("part")
       (throughput_rows if part == "throughput" else longest_rows).append(row)
@@ -278,14 +274,17 @@ def main(argv):
   setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
              f"compute / fp32 params, AdamW{extras}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
              f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
-  merged_throughput, merged_longest, env = _merged(_MERGE_FROM.value, env, setting)
+  try:
+    merged_throughput, merged_longest, env = _merged(_MERGE_FROM.value, {**env, "setting": setting})
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
   throughput_rows, longest_rows = [], []
 
   def write():
     both = (_with_ratios(merged_throughput + throughput_rows, "tokens_per_sec", "speedup"),
             _with_ratios(merged_longest + longest_rows, "longest_seq_len", "vs_one_device"))
     rows = [{"part": "throughput", **r} for r in both[0]] + [{"part": "longest", **r} for r in both[1]]
-    write_results(_OUT.value, "parallel", {**env, "setting": setting}, rows, _table(*both, setting))
+    write_results(_OUT.value, "parallel", env, rows, _table(*both, setting))
 
   # Written after each part, so a run stopped by a time limit keeps what it measured.
   if "throughput" in _PARTS.value:

@@ -47,6 +47,20 @@ def is_out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def joined_environment(env: dict | None, other: dict, what: str, same: tuple[str, ...] = ("device",)) -> dict:
+  """The environment of results from `env` and `other` in one table (env None: other's): equal in the `same`
+  fields, else ValueError naming `what` and the fields; the commit lists every commit either was measured at."""
+  if env is None:
+    return dict(other)
+  differs = [key for key in same if other.get(key) != env.get(key)]
+  if differs:
+    raise ValueError(f"{what} is not valid here: its {', '.join(differs)} "
+                     f"({', '.join(repr(other.get(key)) for key in differs)}) differ from this table's "
+                     f"({', '.join(repr(env.get(key)) for key in differs)})")
+  commits = env["commit"].split(", ")
+  return env | {"commit": ", ".join(commits + [c for c in other["commit"].split(", ") if c not in commits])}
+
+
 def environment() -> dict:
   """Device, versions, date and commit for the results header."""
   try:
