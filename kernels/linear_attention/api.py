@@ -4,7 +4,6 @@ impl="xla" differentiates the reference by autodiff; impl="pallas" and impl="tri
 """
 
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +119,7 @@ def linear_attention(
     impl = "pallas" if backend.has_pallas_kernels() else "xla"
     if impl == "pallas" and not _pallas_supports(q, v, decay):
       impl = "xla"
-    elif impl == "pallas" and backend.on_gpu() and GPU_AUTO_IMPL == "triton" and _triton_installed():
+    elif impl == "pallas" and backend.on_gpu() and GPU_AUTO_IMPL == "triton" and backend.has_jax_triton():
       impl = "triton"
   if impl == "pallas":
     o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not backend.on_gpu())
@@ -133,18 +132,9 @@ def linear_attention(
   return (o, state) if return_final_state else o
 
 
-def _triton_installed() -> bool:
-  return all(importlib.util.find_spec(name) is not None for name in ("triton", "jax_triton"))
-
-
 def _triton_linear_attention(q, k, v, decay, initial_state, block_sizes):
   """impl="triton": the Triton-language kernels of `triton.py` (same block sizes as the Pallas GPU kernels)."""
-  if not backend.on_gpu() or not _triton_installed():
-    raise NotImplementedError(
-        "impl='triton' needs a CUDA GPU and jax-triton (pip install 'jax-triton==0.3.1', or this package's [gpu] "
-        f"extra); here jax's default backend is {jax.default_backend()!r} and jax-triton is "
-        f"{'' if _triton_installed() else 'not '}installed. Use impl='pallas' or impl='auto'"
-    )
+  backend.check_triton_runs()
   if not _pallas_supports(q, v, decay):
     raise NotImplementedError(
         f"impl='triton' takes float32, bfloat16 or float16; got q.dtype={q.dtype}, v.dtype={v.dtype}"

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -141,11 +140,7 @@ def _triton_takes(x, dt, B, C, z, block_sizes) -> bool:
   block sizes asked for."""
   dtypes_ok = all(a is None or a.dtype in _TRITON_DTYPES for a in (x, dt, B, C, z))
   tiles_ok = block_sizes is None or isinstance(block_sizes, triton_config.BlockSizes)
-  return dtypes_ok and tiles_ok and _triton_installed()
-
-
-def _triton_installed() -> bool:
-  return all(importlib.util.find_spec(name) is not None for name in ("triton", "jax_triton"))
+  return dtypes_ok and tiles_ok and backend.has_jax_triton()
 
 
 def _triton_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, block_sizes):
@@ -162,12 +157,7 @@ def _triton_scan(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, initial_state, b
   else:
     raise ValueError(f"block_sizes={block_sizes!r} is not valid for impl='triton'; pass a "
                      "kernels.selective_scan.triton_config.BlockSizes")
-  if not backend.on_gpu() or not _triton_installed():
-    raise NotImplementedError(
-        "impl='triton' needs a CUDA GPU and jax-triton (pip install 'jax-triton==0.3.1', or this package's [gpu] "
-        f"extra); here jax's default backend is {jax.default_backend()!r} and jax-triton is "
-        f"{'' if _triton_installed() else 'not '}installed. Use impl='pallas' or impl='auto'"
-    )
+  backend.check_triton_runs()
   from kernels.selective_scan import triton as triton_kernels  # noqa: PLC0415 (imports triton: GPU only)
 
   return triton_kernels.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
