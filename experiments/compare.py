@@ -10,7 +10,8 @@ and finished runs are only evaluated again. `--eval_lengths` re-evaluates each t
 generated at other lengths (tasks with `test_seq_len`: MQAR, induction heads, selective copying), which is
 how length extrapolation is measured without retraining. `--set=train.num_steps=200` (repeatable) changes the
 task's configuration for every run, e.g. for a quick smoke run. `--parallel_gpus=4` runs four at a time, one per
-GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/), and merges their tables.
+GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/), and merges their tables;
+`--runs_per_gpu=3` puts three workers on each GPU (for small models, which leave the GPU idle between launches).
 A comparison split over machines that do not share a workdir (say, time-limited calls, each with a --variants
 subset) comes together with `--merge_from=a/compare_listops.json,b/compare_listops.json`: runs in those tables
 count as done and join the new table (with nothing left to run, the command only merges).
@@ -58,6 +59,9 @@ def define_flags() -> None:
   flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.")
   flags.DEFINE_integer("parallel_gpus", 1, "Runs at a time, each in its own process on one local GPU "
                        "(CUDA_VISIBLE_DEVICES); the table merges them. 1: one after another in this process.")
+  flags.DEFINE_integer("runs_per_gpu", 1, "With --parallel_gpus: worker processes per GPU (small models leave a "
+                       "GPU idle between their kernel launches, which other processes fill). Each worker gets "
+                       "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.")
   flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
                       "for its worker processes).")
   flags.DEFINE_list("merge_from", [], "compare_<task>.json files of earlier comparisons of the same task, overrides "
@@ -134,8 +138,16 @@ def evaluate_at_length(config: ml_collections.ConfigDict, workdir: Path, test_se
     return None
   finally:
     checkpoints.close()
+  return evaluate(model, task.splits["test"], task, length_batch_size(config, test_seq_len), -1, mesh)["accuracy"]
+
+
+def length_batch_size(config: ml_collections.ConfigDict, test_seq_len: int) -> int:
+  """Eval batch size at `test_seq_len`: as many tokens per batch as the configured eval batch at the training
+  length (at least one sequence), so a 64x longer test does not need 64x the memory (full attention's scores
+  grow with the square of the length; this keeps them to one sequence's at the longest lengths)."""
   batch_size = config.train.eval_batch_size or config.train.batch_size
-  return evaluate(model, task.splits["test"], task, batch_size, -1, mesh)["accuracy"]
+  train_len = config.task.get("train_seq_len", test_seq_len)
+  return max(1, batch_size * train_len // max(train_len, test_seq_len))
 
 
 def run_one(config, workdir: Path, variant: str, seed: int, sweep_value: Any, eval_lengths: list[int]) -> Run:
@@ -145,7 +157,8 @@ def run_one(config, workdir: Path, variant: str, seed: int, sweep_value: Any, ev
   try:
     results = train_and_evaluate(config, workdir)
     lengths = {length: evaluate_at_length(config, workdir, length) for length in eval_lengths}
-  except (ValueError, NonFiniteLossError) as error:
+  except (ValueError, NonFiniteLossError, jax.errors.JaxRuntimeError) as error:
+    # JaxRuntimeError: e.g. out of device memory; the comparison goes on and the table lists the failure.
     logging.warning("%s seed %d failed: %s", variant, seed, error)
     return Run(variant, seed, sweep_value, f"error: {str(error).splitlines()[0][:200]}")
   return Run(variant, seed, sweep_value, "ok", results["step"], results["test"]["accuracy"], lengths)
@@ -202,6 +215,9 @@ def main(argv):
       assign(copy.deepcopy(base), path, sweep_values[0])  # fails now, not after the first runs, if no such field
   except (ValueError, TypeError) as error:  # TypeError: ml_collections rejects a value of the wrong type
     raise app.UsageError(str(error)) from None
+  if FLAGS.parallel_gpus < 1 or FLAGS.runs_per_gpu < 1:
+    raise app.UsageError(f"--parallel_gpus={FLAGS.parallel_gpus} and --runs_per_gpu={FLAGS.runs_per_gpu} must both "
+                         "be at least 1")
   names = FLAGS.variants or list(variant_names())
   for name in names:
     if name not in variant_names():
@@ -235,7 +251,7 @@ def main(argv):
       env = joined_environment(env, earlier_env, "--merge_from files")
     except ValueError as error:
       raise app.UsageError(str(error)) from None
-  if FLAGS.parallel_gpus > 1:
+  if FLAGS.parallel_gpus * FLAGS.runs_per_gpu > 1:
     _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, len(planned), env)
     return
   index, count = parse_run_slice(FLAGS.run_slice)
@@ -319,13 +335,16 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
     if sweep_field:
       assign(config, sweep_field.split("."), value)
     build_task(config.task, config.cache_dir or None)
-  count = min(FLAGS.parallel_gpus, planned_count)
+  count = min(FLAGS.parallel_gpus * FLAGS.runs_per_gpu, planned_count)
   out = Path(FLAGS.out_dir)
+  worker_env = dict(os.environ)
+  worker_env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / FLAGS.runs_per_gpu:.3f}")
   workers = []
   for index in range(count):
-    argv = [sys.executable, "-m", "experiments.compare", *sys.argv[1:], "--parallel_gpus=1",
+    argv = [sys.executable, "-m", "experiments.compare", *sys.argv[1:], "--parallel_gpus=1", "--runs_per_gpu=1",
             f"--run_slice={index}/{count}", f"--out_dir={out / f'worker_{index}'}"]
-    workers.append(subprocess.Popen(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}))
+    gpu = index % FLAGS.parallel_gpus
+    workers.append(subprocess.Popen(argv, env={**worker_env, "CUDA_VISIBLE_DEVICES": str(gpu)}))
   failed = [index for index, worker in enumerate(workers) if worker.wait() != 0]
   results = {i: out / f"worker_{i}" / f"{table_name}.json" for i in range(count)}
   parts = {i: json.loads(path.read_text()) for i, path in results.items() if path.exists()}
@@ -333,7 +352,8 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
     raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
   runs = earlier + merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
   # This process's environment: the workers' machine, and the commits of any --merge_from tables.
-  env = {**env, "devices": count, "parallel_gpus": count}
+  env = {**env, "devices": min(FLAGS.parallel_gpus, count), "parallel_gpus": FLAGS.parallel_gpus,
+         "runs_per_gpu": FLAGS.runs_per_gpu}
   write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
   if failed:
     raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")

@@ -65,6 +65,15 @@ def test_parallel_workers_slices_and_merge():
   assert compare.runs_from_rows(json.loads(json.dumps(rows))) == planned
 
 
+def test_longer_test_lengths_get_smaller_eval_batches():
+  """Eval batches at other lengths hold the tokens of one configured eval batch, at least one sequence."""
+  config = compare.load_config("induction_heads")  # eval batch 32 at length 256
+  assert compare.length_batch_size(config, 256) == 32
+  assert compare.length_batch_size(config, 1024) == 8
+  assert compare.length_batch_size(config, 16384) == 1
+  assert compare.length_batch_size(config, 128) == 32  # shorter tests keep the configured batch
+
+
 def _table_file(path, runs, **environment):
   env = {"device": "H200", "commit": "abc", "task": "listops", "overrides": [], "sweep": "", **environment}
   path.write_text(json.dumps({"environment": env, "rows": [dataclasses.asdict(run) for run in runs]}))
