@@ -64,6 +64,8 @@ def define_flags() -> None:
                        "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.")
   flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
                       "for its worker processes).")
+  flags.DEFINE_bool("merge_only", False, "With --merge_from: write the merged table without running what is "
+                    "missing; the table lists the planned runs that have no result as not run.")
   flags.DEFINE_list("merge_from", [], "compare_<task>.json files of earlier comparisons of the same task, overrides "
                     "and sweep on the same device: their runs count as done (not run again) and join the table.")
 
@@ -89,6 +91,8 @@ class Run:
   test_accuracy: float | None = None
   # {test length: accuracy} from --eval_lengths; None where the model cannot take that length.
   length_accuracy: dict[int, float | None] = dataclasses.field(default_factory=dict)
+  # {test length: error} where evaluating at that length failed on the device (e.g. out of memory).
+  length_errors: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 
@@ -156,12 +160,22 @@ def run_one(config, workdir: Path, variant: str, seed: int, sweep_value: Any, ev
   config.seed = seed
   try:
     results = train_and_evaluate(config, workdir)
-    lengths = {length: evaluate_at_length(config, workdir, length) for length in eval_lengths}
   except (ValueError, NonFiniteLossError, jax.errors.JaxRuntimeError) as error:
     # JaxRuntimeError: e.g. out of device memory; the comparison goes on and the table lists the failure.
     logging.warning("%s seed %d failed: %s", variant, seed, error)
-    return Run(variant, seed, sweep_value, f"error: {str(error).splitlines()[0][:200]}")
-  return Run(variant, seed, sweep_value, "ok", results["step"], results["test"]["accuracy"], lengths)
+    return Run(variant, seed, sweep_value, f"error: {_first_line(error)}")
+  lengths, length_errors = {}, {}
+  for length in eval_lengths:
+    try:
+      lengths[length] = evaluate_at_length(config, workdir, length)
+    except jax.errors.JaxRuntimeError as error:  # a length that does not fit keeps the trained model's results
+      logging.warning("%s seed %d at length %d failed: %s", variant, seed, length, error)
+      lengths[length], length_errors[length] = None, _first_line(error)
+  return Run(variant, seed, sweep_value, "ok", results["step"], results["test"]["accuracy"], lengths, length_errors)
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0][:200]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -173,30 +187,45 @@ def _mean_std(values: list[float]) -> str:
   return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[int]) -> str:
-  """Rows: variants (and sweep values); columns: test accuracy (%), per-length accuracy, published."""
+def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[int],
+             not_run: list[tuple] = ()) -> str:
+  """Rows: variants (and sweep values); columns: test accuracy (%), per-length accuracy, published.
+
+  not_run: planned (sweep value, variant, seed) that have no run (a merge of a comparison left unfinished)."""
   published = PUBLISHED.get(task, {})
   sweep_values = list(dict.fromkeys(run.sweep_value for run in runs))
+  if all(isinstance(value, (int, float)) for value in sweep_values):
+    sweep_values.sort()  # merged tables list their runs in the order the files had them
   columns = ["variant"] + ([sweep_field] if sweep_field else []) + ["seeds", "test accuracy (%)"]
   columns += [f"T={length}" for length in eval_lengths] + (["published (%)"] if published else [])
   lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-  for variant in dict.fromkeys(run.variant for run in runs):
+  for variant in sorted(dict.fromkeys(run.variant for run in runs)):
     for value in sweep_values:
       group = [r for r in runs if r.variant == variant and r.sweep_value == value]
+      if not group:  # this variant has no run at this sweep value (yet)
+        continue
       ok = [r for r in group if r.status == "ok"]
       cells = [variant] + ([str(value)] if sweep_field else [])
       cells += [f"{len(ok)}/{len(group)}", _mean_std([r.test_accuracy for r in ok])]
       for length in eval_lengths:
-        cells.append(_mean_std([r.length_accuracy[length] for r in ok if r.length_accuracy.get(length) is not None])
-                     if any(r.length_accuracy.get(length) is not None for r in ok) else "n/a")
+        if any(r.length_accuracy.get(length) is not None for r in ok):
+          cells.append(_mean_std([r.length_accuracy[length] for r in ok if r.length_accuracy.get(length) is not None]))
+        else:
+          cells.append("failed" if any(length in r.length_errors for r in ok) else "n/a")
       if published:
         cells.append(f"{published[variant]:.2f}" if variant in published else "")
       lines.append("| " + " | ".join(cells) + " |")
   for name, accuracy in REFERENCE_ROWS.get(task, {}).items():
     cells = [name] + ([""] if sweep_field else []) + ["", ""] + [""] * len(eval_lengths) + [f"{accuracy:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
-  failures = [f"- {r.variant} seed {r.seed}: {r.status}" for r in runs if r.status != "ok"]
-  return "\n".join(lines + ([""] + failures if failures else []))
+  where = lambda value: f" {sweep_field}={value}" if sweep_field else ""
+  notes = [f"- {r.variant} seed {r.seed}{where(r.sweep_value)}: {r.status}" for r in runs if r.status != "ok"]
+  notes += [f"- {r.variant} seed {r.seed}{where(r.sweep_value)} at T={length}: error: {error}"
+            for r in runs for length, error in r.length_errors.items()]
+  notes += [f"- {name} seed {seed}{where(value)}: not run" for value, name, seed in not_run]
+  if any(cell == "n/a" for line in lines for cell in line.split(" | ")):
+    notes.append("- n/a: the model cannot take that length (its parameters depend on the length)")
+  return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv):
@@ -241,9 +270,11 @@ def main(argv):
   done = {_key(run) for run in earlier}
   planned = [(value, name, seed) for value in sweep_values for name in names for seed in map(int, FLAGS.seeds)
              if (name, seed, value) not in done]
-  if not planned:  # a merge only
+  if not planned or FLAGS.merge_only:  # a merge only
+    if earlier_env is None:
+      raise app.UsageError("--merge_only needs --merge_from files")
     write_results(FLAGS.out_dir, table_name, earlier_env, _rows(earlier),
-                  markdown(FLAGS.task, earlier, sweep_field, eval_lengths))
+                  markdown(FLAGS.task, earlier, sweep_field, eval_lengths, planned))
     return
   env = environment() | comparison | {"devices": jax.device_count()}
   if earlier_env is not None:
@@ -314,7 +345,8 @@ def parse_run_slice(spec: str) -> tuple[int, int]:
 
 def runs_from_rows(rows: list[dict]) -> list[Run]:
   """Runs back from their JSON rows (JSON turned the length keys into strings)."""
-  return [Run(**{**row, "length_accuracy": {int(k): v for k, v in row["length_accuracy"].items()}}) for row in rows]
+  return [Run(**{**row, "length_accuracy": {int(k): v for k, v in row["length_accuracy"].items()},
+                "length_errors": {int(k): v for k, v in row.get("length_errors", {}).items()}}) for row in rows]
 
 
 def merge_slices(slices: dict[int, list[Run]], count: int) -> list[Run]:

@@ -75,7 +75,8 @@ def test_longer_test_lengths_get_smaller_eval_batches():
 
 
 def _table_file(path, runs, **environment):
-  env = {"device": "H200", "commit": "abc", "task": "listops", "overrides": [], "sweep": "", **environment}
+  env = {"device": "H200", "jax": "0.11.2", "date": "2026-11-28", "commit": "abc", "task": "listops", "overrides": [],
+         "sweep": "", **environment}
   path.write_text(json.dumps({"environment": env, "rows": [dataclasses.asdict(run) for run in runs]}))
   return str(path)
 
@@ -95,3 +96,36 @@ def test_earlier_tables_merge_and_must_be_the_same_comparison(tmp_path):
   with pytest.raises(ValueError, match=r"d.json is not valid here: its device"):
     compare.load_earlier([elsewhere], {"device": "H200", "commit": "x", "task": "listops", "overrides": [],
                                         "sweep": ""})
+
+
+def test_sweep_table_has_rows_only_for_runs_that_exist_and_lists_what_was_not_run():
+  runs = [compare.Run("full", 0, 64, "ok", 10, 0.9), compare.Run("mamba", 0, 128, "ok", 10, 0.7)]
+  table = compare.markdown("mqar", runs, "task.train_seq_len", [], not_run=[(128, "full", 0)])
+  assert "| full | 64 | 1/1 | 90.00 |" in table and "| mamba | 128 | 1/1 | 70.00 |" in table
+  assert "| full | 128 |" not in table and "| mamba | 64 |" not in table
+  assert "- full seed 0 task.train_seq_len=128: not run" in table
+
+
+def test_a_length_that_failed_on_the_device_is_marked_apart_from_lengths_a_model_cannot_take():
+  runs = [compare.Run("full", 0, None, "ok", 10, 0.5, {256: 0.5, 16384: None}, {16384: "RESOURCE_EXHAUSTED: oom"}),
+          compare.Run("linformer", 0, None, "ok", 10, 0.4, {256: None, 16384: None})]
+  table = compare.markdown("induction_heads", runs, "", [256, 16384])
+  assert "| full | 1/1 | 50.00 | 50.00 | failed |" in table
+  assert "| linformer | 1/1 | 40.00 | n/a | n/a |" in table
+  assert "- full seed 0 at T=16384: error: RESOURCE_EXHAUSTED: oom" in table
+  assert "- n/a: the model cannot take that length" in table
+  rows = json.loads(json.dumps([dataclasses.asdict(run) for run in runs]))
+  assert compare.runs_from_rows(rows) == runs
+
+
+def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(tmp_path):
+  import subprocess
+  import sys
+  part = _table_file(tmp_path / "part.json", [compare.Run("full", 0, None, "ok", 10, 0.36)])
+  out = tmp_path / "out"
+  subprocess.run([sys.executable, "-m", "experiments.compare", "--task=listops", "--variants=full,mamba",
+                  f"--merge_from={part}", "--merge_only", f"--out_dir={out}"], check=True, capture_output=True)
+  table = (out / "compare_listops.md").read_text()
+  assert "| full | 1/1 | 36.00 | 36.37 |" in table
+  assert "- mamba seed 0: not run" in table
+  assert json.loads((out / "compare_listops.json").read_text())["environment"]["commit"] == "abc"
