@@ -47,7 +47,9 @@ def _elu_plus_one(x):
 # Jitted once per shape: compiling whole functions is much cheaper here than running them op by op.
 _call = nnx.jit(lambda mixer, x, mask=None: mixer(x, mask=mask))
 _step = jax.jit(linear_attention_step)
-_performer_attention = jax.jit(functools.partial(performer_attention, chunk_size=8), static_argnames="causal")
+# The exact estimator (no feature floor), which the oracles below compute.
+_performer_attention = jax.jit(functools.partial(performer_attention, chunk_size=8, feature_floor=0.0),
+                               static_argnames="causal")
 
 
 def _favor_features(x, w):
@@ -64,7 +66,8 @@ def _features(name, mixer):
 
 
 def _causal_mixer(name):
-  return _mixer(name, causal=True, num_kv_heads=KV_HEADS, chunk_size=8)
+  exact = {"feature_floor": 0.0} if name == "performer" else {}  # the oracles use the paper's exact features
+  return _mixer(name, causal=True, num_kv_heads=KV_HEADS, chunk_size=8, **exact)
 
 
 @pytest.mark.parametrize("name", ["linear", "performer"])
@@ -139,6 +142,28 @@ def test_performer_causal_stabiliser_is_exact_for_large_logits():
   expected = jnp.einsum("btsh,bshd->bthd", jax.nn.softmax(pair, axis=2), v)
   chex.assert_tree_all_finite(y)
   assert_close(y, expected, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_performer_gradients_stay_finite_when_queries_meet_only_underflowed_keys(causal):
+  # Queries and keys of norm ~60 (what training reached on ListOps before going non-finite): after the shifts a
+  # query's large features meet keys whose features underflowed, the normaliser is ~0 and the normalisation's
+  # gradient overflows. Without the feature floor these gradients hold NaN; with it they are finite. At ordinary
+  # norms the floor leaves the output at the exact estimator's.
+  q0, k0, v = (_normal(seed, (1, 32, 2, 16)) for seed in range(3))
+  q, k = 15 * q0, 15 * k0
+  w = orthogonal_gaussian_features(jax.random.key(1), 64, 16)
+
+  def loss(floor, q, k, v):
+    return jnp.sum(performer_attention(q, k, v, w, causal=causal, chunk_size=8, feature_floor=floor) ** 2)
+
+  exact = jax.grad(functools.partial(loss, 0.0), argnums=(0, 1, 2))(q, k, v)
+  assert not all(bool(jnp.all(jnp.isfinite(g))) for g in exact), "the case no longer reaches the overflow"
+  floored = jax.grad(functools.partial(loss, 1e-6), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_tree_all_finite(floored)
+  chex.assert_tree_all_finite(performer_attention(q, k, v, w, causal=causal, chunk_size=8))
+  ordinary = performer_attention(q0, k0, v, w, causal=causal, chunk_size=8)
+  assert_close(ordinary, _performer_attention(q0, k0, v, w, causal=causal), 3e-4)
 
 
 def test_performer_redraws_features_in_training_mode_only():
@@ -236,3 +261,8 @@ def test_left_padding_does_not_reach_real_tokens(name):
   y_garbage = _call(mixer, jnp.where(mask[..., None], x, garbage), mask)
   real = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(y)[real], np.asarray(y_garbage)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_performer_feature_floor_must_be_non_negative():
+  with pytest.raises(ValueError, match="feature_floor=-1e-06 is not valid"):
+    make_config("performer", num_heads=HEADS, feature_floor=-1e-6)
