@@ -21,7 +21,7 @@ from efficient_attention import Decoder, DecoderConfig, config_class, variant_na
 from experiments.checkpoint import Checkpointer
 from experiments.configs import listops_small
 from experiments.metrics import read_metrics
-from experiments.trainer import NonFiniteLossError, train_and_evaluate, train_step
+from experiments.trainer import NonFiniteLossError, eval_step, train_and_evaluate, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,3 +249,22 @@ def test_compressive_reconstruction_loss_trains_the_compressor():
   train_step(model, optimizer, batch, jax.random.key(1), 1.0)
   moved = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(unchanged), jax.tree.leaves(compressor())))
   assert moved, "the reconstruction loss must train the compression network"
+
+
+def test_eval_steps_leave_no_sown_values_in_the_model():
+  """What mixers sow at evaluation must not stay in the model: it changed the graph at every call, so each eval
+  batch of a compressive model compiled again."""
+  config = DecoderConfig(
+      vocab_size=11, width=32, num_layers=1, variant="compressive", head="classifier", num_classes=3,
+      mixer_options={"compressive": dict(segment_length=4, memory_length=4, compressed_memory_length=4,
+                                         compression_rate=2, sow_compression_loss=True)},
+  )
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  model.eval()
+  batch = {"inputs": jax.random.randint(jax.random.key(0), (2, 16), 0, 11), "mask": jnp.ones((2, 16), bool),
+           "targets": jnp.array([0, 1]), "weights": jnp.ones((2,))}
+  first = eval_step(model, batch)
+  assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
+  second = eval_step(model, batch)
+  np.testing.assert_array_equal(first["loss"], second["loss"])
+  assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
