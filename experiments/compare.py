@@ -14,7 +14,8 @@ GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/
 `--runs_per_gpu=3` puts three workers on each GPU (for small models, which leave the GPU idle between launches).
 A comparison split over machines that do not share a workdir (say, time-limited calls, each with a --variants
 subset) comes together with `--merge_from=a/compare_listops.json,b/compare_listops.json`: runs in those tables
-count as done and join the new table (with nothing left to run, the command only merges).
+count as done and join the new table (with nothing left to run, or with --merge_only, the command only merges,
+listing the planned runs without a result as not run); --retry_failed runs their failed runs again.
 
 Writes compare_<task>[_<field>].json and .md under --out_dir: test accuracy per variant, mean and standard
 deviation over seeds, and for ListOps the Long Range Arena paper's numbers (Tay et al., 2021, Table 1).
@@ -64,6 +65,8 @@ def define_flags() -> None:
                        "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.")
   flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
                       "for its worker processes).")
+  flags.DEFINE_bool("retry_failed", False, "With --merge_from: runs that failed in those tables (an error status) "
+                    "are run again instead of counting as done, and their new results replace the failures.")
   flags.DEFINE_bool("merge_only", False, "With --merge_from: write the merged table without running what is "
                     "missing; the table lists the planned runs that have no result as not run.")
   flags.DEFINE_list("merge_from", [], "compare_<task>.json files of earlier comparisons of the same task, overrides "
@@ -267,6 +270,8 @@ def main(argv):
     raise app.UsageError(f"--merge_from files compare {earlier_env.get('task')!r} with overrides "
                          f"{earlier_env.get('overrides')} and sweep {earlier_env.get('sweep')!r}; this command "
                          f"{FLAGS.task!r} with {FLAGS.set} and {FLAGS.sweep!r}")
+  if FLAGS.retry_failed:
+    earlier = [run for run in earlier if run.status == "ok"]
   done = {_key(run) for run in earlier}
   planned = [(value, name, seed) for value in sweep_values for name in names for seed in map(int, FLAGS.seeds)
              if (name, seed, value) not in done]

@@ -129,3 +129,11 @@ def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(t
   assert "| full | 1/1 | 36.00 | 36.37 |" in table
   assert "- mamba seed 0: not run" in table
   assert json.loads((out / "compare_listops.json").read_text())["environment"]["commit"] == "abc"
+  # --retry_failed: a failed run is planned again (here: listed as not run) instead of counting as done.
+  failed = _table_file(tmp_path / "failed.json", [compare.Run("full", 0, None, "ok", 10, 0.36),
+                                                  compare.Run("mamba", 0, None, "error: diverged")])
+  for retry, expected in ((False, "- mamba seed 0: error: diverged"), (True, "- mamba seed 0: not run")):
+    subprocess.run([sys.executable, "-m", "experiments.compare", "--task=listops", "--variants=full,mamba",
+                    f"--merge_from={failed}", "--merge_only", f"--retry_failed={retry}", f"--out_dir={out}"],
+                   check=True, capture_output=True)
+    assert expected in (out / "compare_listops.md").read_text()
