@@ -130,7 +130,7 @@ def test_learned_positions_reject_longer_sequences():
         (dict(head="classifier"), "num_classes=0 is not valid"),
         (dict(position="alibi"), "position='alibi' is not valid; choose one of 'rope', 'learned'"),
         (dict(variant="linformer", causal=True), "causal=True is not valid for variant 'linformer'"),
-        (dict(variant="mamba", causal=False), "causal=False is not valid for variant 'mamba'"),
+        (dict(variant="rwkv", causal=False), "causal=False is not valid for variant 'rwkv'"),
         (dict(mixer_options={"sliding_window": {"window": 0}}, variant="sliding_window"), "window"),
         (dict(dropout_rate=1.0), "dropout_rate"),
     ],

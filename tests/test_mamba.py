@@ -1,6 +1,7 @@
 """Mamba: the parallel module computes the Mamba recurrence token by token, with Mamba's initialisation."""
 
 import math
+import types
 
 import chex
 import jax
@@ -112,7 +113,6 @@ def test_initialisation_follows_mamba():
         ("dt_rank", dict(dt_rank=0)),
         ("dt_min", dict(dt_min=0.2, dt_max=0.1)),
         ("impl", dict(impl="cudnn")),
-        ("causal", dict(causal=False)),
     ],
 )
 def test_invalid_config_names_the_field(field, overrides):
@@ -126,3 +126,47 @@ def test_pallas_scan_gives_the_xla_output():
   outputs = {impl: nnx.jit(lambda m, x: m(x))(_randomised(MambaConfig(d_state=4, impl=impl)), x)
              for impl in ("xla", "pallas")}
   assert_close(outputs["pallas"], outputs["xla"], 1e-5, "mamba output")
+
+
+def test_bidirectional_sums_a_forward_and_a_reversed_recurrence():
+  # causal=False: the forward branch's recurrence plus, flipped back, the backward branch's recurrence over the
+  # reversed sequence, through the shared in- and out-projections (whose bias is added once).
+  mixer = _randomised(MambaConfig(d_state=4, dt_rank=3, use_bias=True, causal=False))
+  x = jax.random.normal(jax.random.key(6), (2, 9, WIDTH))
+  y = nnx.jit(lambda m, x: m(x))(mixer, x)
+  backward = types.SimpleNamespace(**{name: getattr(mixer.backward, name) for name in (
+      "conv", "x_proj", "dt_proj", "dt_bias", "A_log", "D")}, in_proj=mixer.in_proj, out_proj=mixer.out_proj)
+  flip = lambda a: np.flip(np.asarray(a), axis=1)
+  expected = _recurrence(mixer, x) + flip(_recurrence(backward, flip(x))) - np.asarray(mixer.out_proj.bias[...])
+  assert_close(y, expected, 1e-5, "bidirectional mamba output")
+  # Every position sees later ones, unlike the causal mixer.
+  later = nnx.jit(lambda m, x: m(x))(mixer, x.at[:, -1].add(1.0))
+  assert float(jnp.abs(later - y)[:, 0].max()) > 1e-4
+
+
+def test_bidirectional_padding_is_skipped_in_both_directions():
+  mixer = _randomised(MambaConfig(d_state=4, causal=False))
+  real = jax.random.normal(jax.random.key(7), (1, 6, WIDTH))
+  junk = 10 * jax.random.normal(jax.random.key(8), (1, 5, WIDTH))
+  padded = jnp.concatenate([junk[:, :2], real, junk[:, 2:]], axis=1)
+  positions = jnp.arange(11)[None, :]
+  mask = (positions >= 2) & (positions < 8)
+
+  def loss(m, x):
+    y = m(x, mask=mask)
+    return jnp.sum(y[:, 2:8] ** 2), y
+
+  grad, y = nnx.jit(nnx.grad(loss, argnums=1, has_aux=True))(mixer, padded)
+  assert_close(y[:, 2:8], nnx.jit(lambda m, x: m(x))(mixer, real), 1e-5, "padded bidirectional output")
+  np.testing.assert_array_equal(np.asarray(grad)[:, :2], 0.0)
+  np.testing.assert_array_equal(np.asarray(grad)[:, 8:], 0.0)
+
+
+def test_bidirectional_mamba_refuses_to_decode():
+  mixer = build_mixer(MambaConfig(causal=False), WIDTH, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="causal=False is not valid for decoding"):
+    mixer.init_cache(1, 8)
+
+
+def test_causal_mamba_has_no_backward_branch():
+  assert build_mixer(MambaConfig(), WIDTH, rngs=nnx.Rngs(0)).backward is None

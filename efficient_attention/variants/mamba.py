@@ -1,8 +1,12 @@
-"""Mamba (Gu & Dao 2023): a gated, input-dependent (selective) state-space mixer; causal only.
+"""Mamba (Gu & Dao 2023): a gated, input-dependent (selective) state-space mixer.
 
 x [B, T, C] -> in-projection to x' and gate z [B, T, E] (E = expand * C) -> causal depthwise conv + SiLU
 -> per-token delta [B, T, E], B_t/C_t [B, T, N] from x' -> selective scan with A = -exp(A_log) [E, N]
 and skip D -> times silu(z) -> out-projection to [B, T, C].
+
+Bidirectional (causal=False, for encoders), as in Vision Mamba and Caduceus: a second branch with its own
+convolution, projections, A and D scans the reversed sequence; the two gated outputs are summed before the
+shared out-projection. A causal model (what language modelling and decoding need) has the forward branch only.
 """
 
 import dataclasses
@@ -26,8 +30,6 @@ from kernels.selective_scan.api import IMPLEMENTATIONS
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MambaConfig(MixerConfig):
   variant = "mamba"
-  # The state carries information forward in time only.
-  supports_bidirectional = False
   # State size N per channel.
   d_state: int = 16
   # Kernel width of the causal depthwise convolution before the scan.
@@ -113,6 +115,49 @@ class CausalDepthwiseConv(nnx.Module):
     return y
 
 
+def _init_scan_branch(module: nnx.Module, config: MambaConfig, inner: int, dt_rank: int, *, dtype, param_dtype,
+                      rngs: nnx.Rngs) -> None:
+  """Gives `module` the parameters of one scan direction: conv, x_proj, dt_proj, dt_bias, A_log, D."""
+  n = config.d_state
+  module.conv = CausalDepthwiseConv(
+      inner, config.d_conv, use_bias=config.conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+  )
+  module.x_proj = nnx.Linear(inner, dt_rank + 2 * n, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  # Mamba scales the delta projection so that its output starts with unit-order variance.
+  module.dt_proj = nnx.Linear(dt_rank, inner, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                              kernel_init=_uniform(dt_rank**-0.5))
+  # Kept apart from dt_proj so the bias is added in fp32, right before the softplus.
+  module.dt_bias = nnx.Param(_dt_bias_init(config.dt_min, config.dt_max)(rngs.params(), (inner,), param_dtype))
+  # S4D-real initialisation: A = -(1, 2, ..., N) for every channel, stored as log(-A).
+  a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32))
+  module.A_log = nnx.Param(jnp.broadcast_to(a_log, (inner, n)).astype(param_dtype))
+  module.D = nnx.Param(jnp.ones((inner,), param_dtype))
+
+
+def _scan_branch(branch: nnx.Module, config: MambaConfig, dt_rank: int, xs: jax.Array, z: jax.Array,
+                 mask: jax.Array | None) -> jax.Array:
+  """One direction: conv + SiLU, delta/B/C, the selective scan gated by silu(z). xs, z [B, T, E] -> [B, T, E]."""
+  n = config.d_state
+  xs = jax.nn.silu(branch.conv(xs))
+  dt, b, c = jnp.split(branch.x_proj(xs), [dt_rank, dt_rank + n], axis=-1)
+  delta = jax.nn.softplus(branch.dt_proj(dt).astype(jnp.float32) + branch.dt_bias[...].astype(jnp.float32))
+  if mask is not None:
+    # delta = 0 makes a token the identity update (exp(0 A) = 1, 0 B x = 0): the state passes
+    # through padding unchanged, whether it is on the left, right or in between.
+    delta = jnp.where(mask[..., None], delta, 0.0)
+  a = -jnp.exp(branch.A_log[...].astype(jnp.float32))
+  # Split over the sequence axis when a sequence-parallel mesh is active (efficient_attention.parallel).
+  return sequence_selective_scan(xs, delta, a, b, c, D=branch.D[...], z=z, dt_softplus=False, impl=config.impl)
+
+
+class MambaBackwardBranch(nnx.Module):
+  """The parameters of a bidirectional Mamba's reversed-sequence scan (the same set as the forward one's)."""
+
+  def __init__(self, config: MambaConfig, inner: int, dt_rank: int, *, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    _init_scan_branch(self, config, inner, dt_rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
 class MambaState(NamedTuple):
   """Decoding cache, constant in size: the convolution's last K - 1 inputs [B, K - 1, E] and the scan state
   [B, E, N] fp32."""
@@ -135,18 +180,10 @@ class Mamba(nnx.Module):
         fan_in, fan_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **init
     )
     self.in_proj = linear(width, 2 * self.inner, config.use_bias)
-    self.conv = CausalDepthwiseConv(
-        self.inner, config.d_conv, use_bias=config.conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-    )
-    self.x_proj = linear(self.inner, self.dt_rank + 2 * n, False)
-    # Mamba scales the delta projection so that its output starts with unit-order variance.
-    self.dt_proj = linear(self.dt_rank, self.inner, False, kernel_init=_uniform(self.dt_rank**-0.5))
-    # Kept apart from dt_proj so the bias is added in fp32, right before the softplus.
-    self.dt_bias = nnx.Param(_dt_bias_init(config.dt_min, config.dt_max)(rngs.params(), (self.inner,), param_dtype))
-    # S4D-real initialisation: A = -(1, 2, ..., N) for every channel, stored as log(-A).
-    a_log = jnp.log(jnp.arange(1, n + 1, dtype=jnp.float32))
-    self.A_log = nnx.Param(jnp.broadcast_to(a_log, (self.inner, n)).astype(param_dtype))
-    self.D = nnx.Param(jnp.ones((self.inner,), param_dtype))
+    _init_scan_branch(self, config, self.inner, self.dt_rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The reversed-sequence branch of a bidirectional mixer (module docstring).
+    self.backward = None if config.causal else MambaBackwardBranch(
+        config, self.inner, self.dt_rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.out_proj = linear(self.inner, width, config.use_bias)
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, cache: MambaState | None = None):
@@ -156,21 +193,16 @@ class Mamba(nnx.Module):
     if cache is not None:
       check_no_mask_with_cache(mask)
       return self._decode(x, cache)
-    n = self.config.d_state
     xs, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, E] each
     if mask is not None:
       # Padded tokens enter the convolution as zeros, exactly like the zeros before the first token.
       xs = jnp.where(mask[..., None], xs, 0)
-    xs = jax.nn.silu(self.conv(xs))
-    dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + n], axis=-1)
-    delta = jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-    if mask is not None:
-      # delta = 0 makes a token the identity update (exp(0 A) = 1, 0 B x = 0): the state passes
-      # through padding unchanged, whether it is on the left, right or in between.
-      delta = jnp.where(mask[..., None], delta, 0.0)
-    a = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    # Split over the sequence axis when a sequence-parallel mesh is active (efficient_attention.parallel).
-    y = sequence_selective_scan(xs, delta, a, b, c, D=self.D[...], z=z, dt_softplus=False, impl=self.config.impl)
+    y = _scan_branch(self, self.config, self.dt_rank, xs, z, mask)
+    if self.backward is not None:
+      # The reversed sequence through the second branch, flipped back: position t sees positions >= t. Padding
+      # (wherever it is) stays an identity update, so leading pads of the reversed sequence change nothing.
+      flip = lambda a: None if a is None else jnp.flip(a, axis=1)
+      y = y + flip(_scan_branch(self.backward, self.config, self.dt_rank, flip(xs), flip(z), flip(mask)))
     return self.out_proj(y)
 
   def init_cache(self, batch: int, max_len: int, *, dtype=jnp.float32) -> MambaState:
