@@ -226,7 +226,7 @@ def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[in
   notes += [f"- {r.variant} seed {r.seed}{where(r.sweep_value)} at T={length}: error: {error}"
             for r in runs for length, error in r.length_errors.items()]
   notes += [f"- {name} seed {seed}{where(value)}: not run" for value, name, seed in not_run]
-  if any(cell == "n/a" for line in lines for cell in line.split(" | ")):
+  if any("| n/a |" in line for line in lines):
     notes.append("- n/a: the model cannot take that length (its parameters depend on the length)")
   return "\n".join(lines + ([""] + notes if notes else []))
 
