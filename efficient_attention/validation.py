@@ -18,7 +18,7 @@ def check_positive(name: str, value: int | float) -> None:
 
 
 def check_at_least(name: str, value: int | float, minimum: int | float) -> None:
-  if value < minimum:
+  if not value >= minimum:  # written so that NaN fails too
     raise ValueError(f"{name}={value!r} is not valid; it must be >= {minimum}")
 
 

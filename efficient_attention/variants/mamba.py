@@ -175,7 +175,6 @@ class Mamba(nnx.Module):
     self.config = config
     self.inner = config.expand * width
     self.dt_rank = config.dt_rank_for(width)
-    n = config.d_state
     linear = lambda fan_in, fan_out, use_bias, **init: nnx.Linear(
         fan_in, fan_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **init
     )

@@ -35,7 +35,7 @@ from efficient_attention.cache import check_decodable, zero_index
 from efficient_attention.config import AttentionConfig
 from efficient_attention.layers import HeadAttention
 from efficient_attention.registry import register
-from efficient_attention.validation import check_choice, check_positive
+from efficient_attention.validation import check_at_least, check_choice, check_positive
 from efficient_attention.variants.linear import empty_feature_state, feature_attention, feature_attention_cached
 from kernels.linear_attention.api import IMPLEMENTATIONS
 
@@ -65,8 +65,7 @@ class PerformerConfig(AttentionConfig):
   def __post_init__(self):
     super().__post_init__()
     check_positive("num_features", self.num_features)
-    if not self.feature_floor >= 0:
-      raise ValueError(f"feature_floor={self.feature_floor} is not valid; it must be >= 0")
+    check_at_least("feature_floor", self.feature_floor, 0)
     check_choice("impl", self.impl, IMPLEMENTATIONS)
     check_positive("chunk_size", self.chunk_size)
 
