@@ -134,18 +134,25 @@ def _init_scan_branch(module: nnx.Module, config: MambaConfig, inner: int, dt_ra
   module.D = nnx.Param(jnp.ones((inner,), param_dtype))
 
 
+def _scan_inputs(branch: nnx.Module, config: MambaConfig, dt_rank: int, xs: jax.Array,
+                 previous: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """conv + SiLU, then the scan's inputs: (x [B, T, E], delta [B, T, E] fp32, A [E, N] fp32, B, C [B, T, N]).
+  previous: the convolution's cached inputs when decoding."""
+  n = config.d_state
+  xs = jax.nn.silu(branch.conv(xs, previous=previous))
+  dt, b, c = jnp.split(branch.x_proj(xs), [dt_rank, dt_rank + n], axis=-1)
+  delta = jax.nn.softplus(branch.dt_proj(dt).astype(jnp.float32) + branch.dt_bias[...].astype(jnp.float32))
+  return xs, delta, -jnp.exp(branch.A_log[...].astype(jnp.float32)), b, c
+
+
 def _scan_branch(branch: nnx.Module, config: MambaConfig, dt_rank: int, xs: jax.Array, z: jax.Array,
                  mask: jax.Array | None) -> jax.Array:
   """One direction: conv + SiLU, delta/B/C, the selective scan gated by silu(z). xs, z [B, T, E] -> [B, T, E]."""
-  n = config.d_state
-  xs = jax.nn.silu(branch.conv(xs))
-  dt, b, c = jnp.split(branch.x_proj(xs), [dt_rank, dt_rank + n], axis=-1)
-  delta = jax.nn.softplus(branch.dt_proj(dt).astype(jnp.float32) + branch.dt_bias[...].astype(jnp.float32))
+  xs, delta, a, b, c = _scan_inputs(branch, config, dt_rank, xs)
   if mask is not None:
     # delta = 0 makes a token the identity update (exp(0 A) = 1, 0 B x = 0): the state passes
     # through padding unchanged, whether it is on the left, right or in between.
     delta = jnp.where(mask[..., None], delta, 0.0)
-  a = -jnp.exp(branch.A_log[...].astype(jnp.float32))
   # Split over the sequence axis when a sequence-parallel mesh is active (efficient_attention.parallel).
   return sequence_selective_scan(xs, delta, a, b, c, D=branch.D[...], z=z, dt_softplus=False, impl=config.impl)
 
@@ -212,13 +219,10 @@ class Mamba(nnx.Module):
 
   def _decode(self, x: jax.Array, cache: MambaState) -> tuple[jax.Array, MambaState]:
     """The forward pass continued from cache: the convolution sees the cached inputs, the scan its state."""
-    n, t = self.config.d_state, x.shape[1]
+    t = x.shape[1]
     xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
     conv_state = jnp.concatenate([cache.conv, xs.astype(cache.conv.dtype)], axis=1)[:, t:]
-    xs = jax.nn.silu(self.conv(xs, previous=cache.conv))
-    dt, b, c = jnp.split(self.x_proj(xs), [self.dt_rank, self.dt_rank + n], axis=-1)
-    delta = jax.nn.softplus(self.dt_proj(dt).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-    a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    xs, delta, a, b, c = _scan_inputs(self, self.config, self.dt_rank, xs, previous=cache.conv)
     if t == 1:
       y, ssm = selective_scan_step(xs[:, 0], delta[:, 0], a, b[:, 0], c[:, 0], cache.ssm, D=self.D[...], z=z[:, 0],
                                    dt_softplus=False)
