@@ -202,6 +202,7 @@ def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[in
   columns = ["variant"] + ([sweep_field] if sweep_field else []) + ["seeds", "test accuracy (%)"]
   columns += [f"T={length}" for length in eval_lengths] + (["published (%)"] if published else [])
   lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+  any_not_applicable = False
   for variant in sorted(dict.fromkeys(run.variant for run in runs)):
     for value in sweep_values:
       group = [r for r in runs if r.variant == variant and r.sweep_value == value]
@@ -213,8 +214,11 @@ def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[in
       for length in eval_lengths:
         if any(r.length_accuracy.get(length) is not None for r in ok):
           cells.append(_mean_std([r.length_accuracy[length] for r in ok if r.length_accuracy.get(length) is not None]))
+        elif any(length in r.length_errors for r in ok):
+          cells.append("failed")
         else:
-          cells.append("failed" if any(length in r.length_errors for r in ok) else "n/a")
+          cells.append("n/a")
+          any_not_applicable = True
       if published:
         cells.append(f"{published[variant]:.2f}" if variant in published else "")
       lines.append("| " + " | ".join(cells) + " |")
@@ -226,7 +230,7 @@ def markdown(task: str, runs: list[Run], sweep_field: str, eval_lengths: list[in
   notes += [f"- {r.variant} seed {r.seed}{where(r.sweep_value)} at T={length}: error: {error}"
             for r in runs for length, error in r.length_errors.items()]
   notes += [f"- {name} seed {seed}{where(value)}: not run" for value, name, seed in not_run]
-  if any("| n/a |" in line for line in lines):
+  if any_not_applicable:
     notes.append("- n/a: the model cannot take that length (its parameters depend on the length)")
   return "\n".join(lines + ([""] + notes if notes else []))
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -119,8 +121,6 @@ def test_a_length_that_failed_on_the_device_is_marked_apart_from_lengths_a_model
 
 
 def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(tmp_path):
-  import subprocess
-  import sys
   part = _table_file(tmp_path / "part.json", [compare.Run("full", 0, None, "ok", 10, 0.36)])
   out = tmp_path / "out"
   subprocess.run([sys.executable, "-m", "experiments.compare", "--task=listops", "--variants=full,mamba",
