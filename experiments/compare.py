@@ -10,7 +10,8 @@ and finished runs are only evaluated again. `--eval_lengths` re-evaluates each t
 generated at other lengths (tasks with `test_seq_len`: MQAR, induction heads, selective copying), which is
 how length extrapolation is measured without retraining. `--set=train.num_steps=200` (repeatable) changes the
 task's configuration for every run, e.g. for a quick smoke run. `--parallel_gpus=4` runs four at a time, one per
-GPU of the machine, in worker processes (each writes under <out_dir>/worker_<i>/), and merges their tables;
+GPU of the machine (the first four of CUDA_VISIBLE_DEVICES when it is set), in worker processes that each take
+the next run no other has claimed (each writes under <out_dir>/worker_<i>/), and merges their tables;
 `--runs_per_gpu=3` puts three workers on each GPU (for small models, which leave the GPU idle between launches).
 A comparison split over machines that do not share a workdir (say, time-limited calls, each with a --variants
 subset) comes together with `--merge_from=a/compare_listops.json,b/compare_listops.json`: runs in those tables
@@ -29,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("runs_per_gpu", 1, "With --parallel_gpus: worker processes per GPU (small models leave a "
                        "GPU idle between their kernel launches, which other processes fill). Each worker gets "
                        "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.")
-  flags.DEFINE_string("run_slice", "", "i/N: run only every N-th run starting at the i-th (set by --parallel_gpus "
-                      "for its worker processes).")
+  flags.DEFINE_string("claim_dir", "", "Set by --parallel_gpus for its worker processes: a worker takes the next "
+                      "planned run nobody has claimed in this folder, so a slow run never holds up a queue of others.")
   flags.DEFINE_bool("retry_failed", False, "With --merge_from: runs that failed in those tables (an error status) "
                     "are run again instead of counting as done, and their new results replace the failures.")
   flags.DEFINE_bool("merge_only", False, "With --merge_from: write the merged table without running what is "
@@ -292,12 +294,13 @@ def main(argv):
     except ValueError as error:
       raise app.UsageError(str(error)) from None
   if FLAGS.parallel_gpus * FLAGS.runs_per_gpu > 1:
-    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, len(planned), env)
+    _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier, planned, env)
     return
-  index, count = parse_run_slice(FLAGS.run_slice)
-  # Worker processes (--run_slice) write only their own runs; their parent adds the earlier ones.
-  runs = [] if FLAGS.run_slice else list(earlier)
-  for value, name, seed in planned[index::count]:
+  # Worker processes (--claim_dir) write only the runs they claimed; their parent adds the earlier ones.
+  runs = [] if FLAGS.claim_dir else list(earlier)
+  for position, (value, name, seed) in enumerate(planned):
+    if FLAGS.claim_dir and not claim(Path(FLAGS.claim_dir), position):
+      continue
     config = copy.deepcopy(base)
     folder = Path(FLAGS.workdir) / FLAGS.task
     if sweep_field:
@@ -338,18 +341,13 @@ def _rows(runs: list[Run]) -> list[dict]:
   return json.loads(json.dumps([dataclasses.asdict(run) for run in runs]))
 
 
-def parse_run_slice(spec: str) -> tuple[int, int]:
-  """"i/N" -> (i, N); "" -> (0, 1), every run."""
-  if not spec:
-    return 0, 1
-  index, _, count = spec.partition("/")
+def claim(folder: Path, position: int) -> bool:
+  """True for the one worker whose exclusive create of folder/<position> succeeds: that worker runs it."""
   try:
-    index, count = int(index), int(count)
-  except ValueError:
-    index, count = -1, 0
-  if not 0 <= index < count:
-    raise app.UsageError(f"--run_slice={spec!r} is not valid; expected i/N with 0 <= i < N")
-  return index, count
+    os.close(os.open(folder / str(position), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    return False
+  return True
 
 
 def runs_from_rows(rows: list[dict]) -> list[Run]:
@@ -358,15 +356,28 @@ def runs_from_rows(rows: list[dict]) -> list[Run]:
                 "length_errors": {int(k): v for k, v in row.get("length_errors", {}).items()}}) for row in rows]
 
 
-def merge_slices(slices: dict[int, list[Run]], count: int) -> list[Run]:
-  """The runs of `count` workers back in planned order: worker i ran runs i, i + N, i + 2N, ... (N = count)."""
-  by_index = {i + count * j: run for i, runs in slices.items() for j, run in enumerate(runs)}
-  return [by_index[k] for k in sorted(by_index)]
+def in_planned_order(runs: list[Run], planned: list[tuple]) -> list[Run]:
+  """Workers' runs, which finish in any order, sorted back into the planned (sweep value, variant, seed) order."""
+  order = {(name, seed, value): k for k, (value, name, seed) in enumerate(planned)}
+  return sorted(runs, key=lambda run: order.get(_key(run), len(order)))
+
+
+def gpu_ids(parallel_gpus: int, visible: str | None) -> list[str]:
+  """The GPUs the workers use: the first parallel_gpus of CUDA_VISIBLE_DEVICES when set (so a comparison can be
+  placed on some of a machine's GPUs), else 0 .. parallel_gpus - 1."""
+  if not visible:
+    return [str(i) for i in range(parallel_gpus)]
+  ids = [part.strip() for part in visible.split(",") if part.strip()]
+  if len(ids) < parallel_gpus:
+    raise app.UsageError(f"--parallel_gpus={parallel_gpus} is not valid with CUDA_VISIBLE_DEVICES={visible!r}: "
+                         f"it lists {len(ids)} GPUs")
+  return ids[:parallel_gpus]
 
 
 def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, earlier: list[Run],
-                     planned_count: int, env: dict) -> None:
-  """One worker process per GPU, each running every N-th run with this command line, then one merged table.
+                     planned: list[tuple], env: dict) -> None:
+  """Worker processes on the GPUs (runs_per_gpu per GPU), each taking the next planned run no other worker has
+  claimed (so one slow run does not hold up a queue behind it), then one merged table.
 
   The task data is generated here first (it is cached on disk), so the workers only read it. This process
   never starts jax on the GPUs: each worker's XLA takes most of its own GPU's memory.
@@ -376,22 +387,27 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
     if sweep_field:
       assign(config, sweep_field.split("."), value)
     build_task(config.task, config.cache_dir or None)
-  count = min(FLAGS.parallel_gpus * FLAGS.runs_per_gpu, planned_count)
+  count = min(FLAGS.parallel_gpus * FLAGS.runs_per_gpu, len(planned))
+  gpus = gpu_ids(FLAGS.parallel_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
   out = Path(FLAGS.out_dir)
   worker_env = dict(os.environ)
   worker_env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / FLAGS.runs_per_gpu:.3f}")
-  workers = []
-  for index in range(count):
-    argv = [sys.executable, "-m", "experiments.compare", *sys.argv[1:], "--parallel_gpus=1", "--runs_per_gpu=1",
-            f"--run_slice={index}/{count}", f"--out_dir={out / f'worker_{index}'}"]
-    gpu = index % FLAGS.parallel_gpus
-    workers.append(subprocess.Popen(argv, env={**worker_env, "CUDA_VISIBLE_DEVICES": str(gpu)}))
-  failed = [index for index, worker in enumerate(workers) if worker.wait() != 0]
+  for index in range(count):  # a worker that claims no run writes no table; an older one must not be read
+    (out / f"worker_{index}" / f"{table_name}.json").unlink(missing_ok=True)
+  with tempfile.TemporaryDirectory(prefix="compare-claims-") as claims:
+    workers = []
+    for index in range(count):
+      argv = [sys.executable, "-m", "experiments.compare", *sys.argv[1:], "--parallel_gpus=1", "--runs_per_gpu=1",
+              f"--claim_dir={claims}", f"--out_dir={out / f'worker_{index}'}"]
+      gpu = gpus[index % FLAGS.parallel_gpus]
+      workers.append(subprocess.Popen(argv, env={**worker_env, "CUDA_VISIBLE_DEVICES": gpu}))
+    failed = [index for index, worker in enumerate(workers) if worker.wait() != 0]
   results = {i: out / f"worker_{i}" / f"{table_name}.json" for i in range(count)}
   parts = {i: json.loads(path.read_text()) for i, path in results.items() if path.exists()}
   if not parts:
     raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
-  runs = earlier + merge_slices({i: runs_from_rows(part["rows"]) for i, part in parts.items()}, count)
+  finished = [run for part in parts.values() for run in runs_from_rows(part["rows"])]
+  runs = earlier + in_planned_order(finished, planned)
   # This process's environment: the workers' machine, and the commits of any --merge_from tables.
   env = {**env, "devices": min(FLAGS.parallel_gpus, count), "parallel_gpus": FLAGS.parallel_gpus,
          "runs_per_gpu": FLAGS.runs_per_gpu}

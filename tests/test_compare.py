@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -53,18 +54,39 @@ def test_trained_model_is_evaluated_at_other_lengths(tmp_path):
   assert run.length_accuracy[16] == pytest.approx(run.test_accuracy)
 
 
-def test_parallel_workers_slices_and_merge():
-  """--parallel_gpus: worker i of N runs every N-th planned run from the i-th; the merge restores the order."""
-  assert compare.parse_run_slice("") == (0, 1)
-  assert compare.parse_run_slice("1/3") == (1, 3)
-  for bad in ("3/3", "x/2", "1"):
-    with pytest.raises(Exception, match="--run_slice"):
-      compare.parse_run_slice(bad)
-  planned = [compare.Run(f"v{k}", 0, None, "ok", 1, k / 10, {64: k / 10}) for k in range(5)]
-  slices = {i: planned[i::2] for i in range(2)}
-  assert compare.merge_slices(slices, 2) == planned
-  rows = [dataclasses.asdict(run) for run in planned]
-  assert compare.runs_from_rows(json.loads(json.dumps(rows))) == planned
+def test_workers_claim_each_run_once_and_the_merge_restores_the_planned_order(tmp_path):
+  """--parallel_gpus workers take runs from a shared claim folder: each planned run goes to exactly one worker."""
+  assert [compare.claim(tmp_path, k) for k in (0, 1, 0, 2, 1)] == [True, True, False, True, False]
+  planned = [(None, f"v{k}", 0) for k in range(5)]
+  runs = [compare.Run(f"v{k}", 0, None, "ok", 1, k / 10, {64: k / 10}) for k in range(5)]
+  assert compare.in_planned_order([runs[3], runs[0], runs[4], runs[1], runs[2]], planned) == runs
+  rows = [dataclasses.asdict(run) for run in runs]
+  assert compare.runs_from_rows(json.loads(json.dumps(rows))) == runs
+
+
+def test_workers_use_the_visible_gpus():
+  assert compare.gpu_ids(2, None) == ["0", "1"]
+  assert compare.gpu_ids(2, "2,3") == ["2", "3"]
+  assert compare.gpu_ids(1, "3, 1") == ["3"]
+  with pytest.raises(Exception, match="--parallel_gpus=3 is not valid with CUDA_VISIBLE_DEVICES='2,3'"):
+    compare.gpu_ids(3, "2,3")
+
+
+def test_parallel_workers_run_every_planned_run_once(tmp_path):
+  """Two worker processes share three tiny runs; the merged table has each run once, in the planned order."""
+  tiny = ["task.num_train=32", "task.num_valid=8", "task.num_test=8", "task.train_seq_len=16", "task.test_seq_len=16",
+          "train.num_steps=2", "train.eval_every=2", "train.batch_size=4", "train.eval_batch_size=4"]
+  out = tmp_path / "out"
+  subprocess.run([sys.executable, "-m", "experiments.compare", "--task=induction_heads", "--variants=full,linear,mamba",
+                  *(f"--set={item}" for item in tiny), "--parallel_gpus=1", "--runs_per_gpu=2",
+                  f"--workdir={tmp_path / 'runs'}", f"--out_dir={out}"],
+                 check=True, capture_output=True, env={**os.environ, "EFFICIENT_ATTENTION_CACHE": str(tmp_path / "cache")})
+  rows = json.loads((out / "compare_induction_heads.json").read_text())["rows"]
+  assert [(row["variant"], row["status"], row["step"]) for row in rows] == [
+      ("full", "ok", 2), ("linear", "ok", 2), ("mamba", "ok", 2)]
+  worker_rows = [json.loads((out / f"worker_{i}" / "compare_induction_heads.json").read_text())["rows"]
+                 for i in range(2) if (out / f"worker_{i}" / "compare_induction_heads.json").exists()]
+  assert sorted(row["variant"] for part in worker_rows for row in part) == ["full", "linear", "mamba"]
 
 
 def test_longer_test_lengths_get_smaller_eval_batches():
