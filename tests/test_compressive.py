@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from efficient_attention import build_mixer
-from efficient_attention.variants.compressive import CompressiveConfig, MemoryCompressor
+from efficient_attention.variants.compressive import (
+    CompressiveConfig, MemoryCompressor, Slots, _concat, _empty, _frozen, _take,
+)
 from efficient_attention.variants.full import FullAttentionConfig
 from tests.helpers import assert_close
 
@@ -16,7 +18,8 @@ WIDTH, HEADS, KV_HEADS = 16, 4, 2
 
 
 def _mixer(seed=0, **fields):
-  config = CompressiveConfig(num_heads=HEADS, num_kv_heads=KV_HEADS, rotary=True, use_bias=True, **fields)
+  config = CompressiveConfig(**{"num_heads": HEADS, "num_kv_heads": KV_HEADS, "rotary": True, "use_bias": True,
+                                **fields})
   return build_mixer(config, WIDTH, rngs=nnx.Rngs(seed))
 
 
@@ -24,7 +27,7 @@ def _inputs(b, t, seed=1):
   return jax.random.normal(jax.random.key(seed), (b, t, WIDTH))
 
 
-# Jitted once per module structure: eager calls would retrace the segment scan every time.
+# Jitted once per module structure: eager calls would run op by op.
 _forward = nnx.jit(lambda mixer, x, mask=None: mixer(x, mask=mask))
 
 
@@ -202,6 +205,109 @@ def test_reconstruction_loss_trains_only_the_compressor():
     trains = jax.tree_util.keystr(path).startswith("['compressor']")
     assert (float(jnp.abs(g).max()) > 0) == trains, jax.tree_util.keystr(path)
   assert float(jnp.abs(grad_x).max()) == 0.0
+
+
+def _sequential(mixer, x, mask):
+  """The layer's sequential definition: (output [B, T, C], reconstruction loss) from `_step` run by a scan over
+  the segments, carrying both memories, each step adding the reconstruction errors of what it evicts."""
+  cfg = mixer.config
+  s = cfg.segment_length
+  b, t, width = x.shape
+  steps = -(-t // s)
+  x = jnp.pad(jnp.where(mask[..., None], x, 0), ((0, 0), (0, steps * s - t), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, steps * s - t)))
+  segments = (
+      x.reshape(b, steps, s, width).swapaxes(0, 1), mask.reshape(b, steps, s).swapaxes(0, 1),
+      jnp.arange(steps * s, dtype=jnp.int32).reshape(steps, s),
+  )
+  memories = (_empty(b, cfg.memory_length, width, x.dtype), _empty(b, cfg.compressed_memory_length, width, x.dtype))
+  frozen_qkv = _frozen(mixer.qkv)
+
+  def step(carry, segment):
+    segment = Slots(*segment)
+    advanced, y = mixer._step(carry, segment)
+    errors = (jnp.zeros(()), jnp.zeros((), jnp.int32))
+    if cfg.compressed_memory_length:
+      evicted = _take(jax.lax.stop_gradient(_concat(carry[0], segment)), 0, s)
+      new, new_valid = mixer.compressor(evicted.x, evicted.valid)
+      errors = mixer._reconstruction_errors(frozen_qkv, segment.x, segment.valid, evicted.x, evicted.valid, new,
+                                            new_valid)
+    return advanced, (y, errors)
+
+  _, (y, (total, count)) = jax.lax.scan(step, memories, segments)
+  y = y.swapaxes(0, 1).reshape(b, steps * s, -1)[:, :t]
+  return mixer.out(y), total.sum() / jnp.maximum(count.sum(), 1)
+
+
+def _full_pass(mixer, x, mask):
+  return mixer(x, mask=mask), mixer.compression_loss(x, mask=mask)
+
+
+def _outputs_and_grads(run, mixer, x, mask, probe):
+  """(output, reconstruction loss) and the gradients of sum(output * probe) + loss w.r.t. parameters and x."""
+
+  def objective(mixer, x):
+    y, loss = run(mixer, x, mask)
+    return jnp.sum(y * probe) + loss, (y, loss)
+
+  (_, outputs), grads = nnx.jit(nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True))(mixer, x)
+  return outputs, grads
+
+
+@pytest.mark.parametrize(
+    "t,fields,padded",
+    [
+        pytest.param(14, dict(segment_length=4, memory_length=2, compressed_memory_length=3, compression_rate=2),
+                     True, id="memory-shorter-than-segment"),
+        pytest.param(16, dict(segment_length=4, memory_length=6, compressed_memory_length=2, compression_rate=4,
+                              compression="mean_pool", num_kv_heads=None), True, id="memory-not-a-multiple-mha"),
+        pytest.param(11, dict(segment_length=2, memory_length=5, compressed_memory_length=4, compression_rate=2,
+                              compression="max_pool", rotary=False), False, id="memory-of-several-segments"),
+        pytest.param(13, dict(segment_length=4, memory_length=5, compressed_memory_length=0), True,
+                     id="transformer-xl"),
+        pytest.param(12, dict(segment_length=4, memory_length=0, compressed_memory_length=3, compression_rate=2,
+                              rotary=False), True, id="no-fifo-memory"),
+        pytest.param(10, dict(segment_length=4, memory_length=0, compressed_memory_length=0), False,
+                     id="segments-only"),
+        pytest.param(5, dict(segment_length=8, memory_length=3, compressed_memory_length=2, compression_rate=2),
+                     True, id="one-partial-segment"),
+    ],
+)
+def test_parallel_pass_equals_the_sequential_definition(t, fields, padded):
+  mixer = _mixer(**fields)
+  x = _inputs(2, t)
+  mask = np.ones((2, t), bool)
+  if padded:
+    mask[1, [0, 1, t // 2, t - 1]] = False  # left, middle and right padding
+  probe = jax.random.normal(jax.random.key(3), (2, t, WIDTH))
+  (y, loss), (grads, grad_x) = _outputs_and_grads(_full_pass, mixer, x, jnp.asarray(mask) if padded else None, probe)
+  (expected_y, expected_loss), (expected_grads, expected_grad_x) = _outputs_and_grads(
+      _sequential, mixer, x, jnp.asarray(mask), probe)
+  assert_close(y, expected_y, 1e-5, "outputs")
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-7, err_msg="reconstruction loss")
+  assert_close(grad_x, expected_grad_x, 1e-5, "d/dx")
+  grads, expected_grads = nnx.to_pure_dict(grads), nnx.to_pure_dict(expected_grads)
+  chex.assert_trees_all_equal_structs(grads, expected_grads)
+  # Some gradients vanish in exact arithmetic (the key bias without rotary shifts every score of a query
+  # alike), leaving rounding noise on both sides; errors are measured against the whole gradient's scale.
+  scale = np.sqrt(np.mean(np.concatenate([np.ravel(e) for e in jax.tree.leaves(expected_grads)]) ** 2))
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads)):
+    err = np.sqrt(np.mean((np.asarray(g, np.float64) - np.asarray(e, np.float64)) ** 2))
+    bound = 1e-5 * max(np.sqrt(np.mean(np.asarray(e, np.float64) ** 2)), scale)
+    assert err <= bound, f"d/d{jax.tree_util.keystr(path)} RMS error {err:.3g} > {bound:.3g}"
+
+
+def test_full_pass_has_no_loop_over_segments():
+  mixer = _mixer(segment_length=4, memory_length=6, compressed_memory_length=3, compression_rate=2)
+  x = _inputs(2, 10 * 4)
+  graphdef, state = nnx.split(mixer)
+
+  def loss(state, x):
+    mixer = nnx.merge(graphdef, state)
+    return jnp.sum(mixer(x) ** 2) + mixer.compression_loss(x)
+
+  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(state, x))
+  assert "scan" not in jaxpr and "while" not in jaxpr
 
 
 def _shapes(jaxpr):
