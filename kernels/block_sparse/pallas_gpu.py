@@ -59,22 +59,20 @@ def _visit(num_full, count, block_at, tile_at, tile_slice, *, extent: int, step:
   Entries [0, num_full) are full blocks (tile None: no element mask), [num_full, count) partial ones (tile: the
   int8 element-mask slice of this step). block_at(j) / tile_at(j) read list entry j; a block of `extent`
   positions is walked in steps of `step` starting at position `start`; tile_slice(tile_id, c) is step c's slice.
+
+  Each kind of block is one flat loop over (entry, step) pairs rather than a loop over entries around a loop over
+  steps: Triton software-pipelines only innermost loops, and an inner loop of extent / step (often 2) iterations
+  would leave every block's first loads exposed.
   """
+  steps = extent // step
 
-  def over_block(j, carry, masked):
-    first = block_at(j) * extent
-    tile_id = tile_at(j) if masked else None
+  def one_step(i, carry, masked):
+    j, c = (i, 0) if steps == 1 else (i // steps, i % steps)
+    start = pl.multiple_of(block_at(j) * extent + c * step, step)
+    return body(start, tile_slice(tile_at(j), c) if masked else None, carry)
 
-    def one_step(c, carry):
-      start = pl.multiple_of(first + c * step, step)
-      return body(start, tile_slice(tile_id, c) if masked else None, carry)
-
-    if extent == step:
-      return one_step(0, carry)
-    return lax.fori_loop(0, extent // step, one_step, carry)
-
-  carry = lax.fori_loop(0, num_full, functools.partial(over_block, masked=False), carry)
-  return lax.fori_loop(num_full, count, functools.partial(over_block, masked=True), carry)
+  carry = lax.fori_loop(0, num_full * steps, functools.partial(one_step, masked=False), carry)
+  return lax.fori_loop(num_full * steps, count * steps, functools.partial(one_step, masked=True), carry)
 
 
 def _masked(x, fill, tile, k_idx, kv_length):
