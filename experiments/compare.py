@@ -19,7 +19,9 @@ count as done and join the new table (with nothing left to run, or with --merge_
 listing the planned runs without a result as not run); --retry_failed runs their failed runs again.
 
 Writes compare_<task>[_<field>].json and .md under --out_dir: test accuracy per variant, mean and standard
-deviation over seeds, and for ListOps the Long Range Arena paper's numbers (Tay et al., 2021, Table 1).
+deviation over seeds, and for ListOps the Long Range Arena paper's numbers (Tay et al., 2021, Table 1); and
+compare_<task>[_<field>].png (with matplotlib; experiments/compare_plot.py): accuracy against the swept value or the
+test length, or a bar per variant.
 """
 
 import copy
@@ -39,7 +41,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from efficient_attention import variant_names
-from experiments import configs, modeling
+from experiments import compare_plot, configs, modeling
 from experiments.bench.timing import environment, joined_environment, write_results
 from experiments.checkpoint import Checkpointer, quiet_orbax_logs
 from experiments.cli import literal
@@ -284,8 +286,7 @@ def main(argv):
   if not planned or FLAGS.merge_only:  # a merge only
     if earlier_env is None:
       raise app.UsageError("--merge_only needs --merge_from files")
-    write_results(FLAGS.out_dir, table_name, earlier_env, _rows(earlier),
-                  markdown(FLAGS.task, earlier, sweep_field, eval_lengths, planned))
+    write_table(FLAGS.out_dir, table_name, earlier_env, earlier, base, sweep_field, eval_lengths, planned)
     return
   env = environment() | comparison | {"devices": jax.device_count()}
   if earlier_env is not None:
@@ -311,7 +312,17 @@ def main(argv):
     where = f" {sweep_field}={value}" if sweep_field else ""
     print(f"{name} seed {seed}{where}: {run.status}, test accuracy {run.test_accuracy}", flush=True)
     # Rewritten after every run: a comparison stopped part-way still leaves the table of what finished.
-    write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+    write_table(FLAGS.out_dir, table_name, env, runs, base, sweep_field, eval_lengths)
+
+
+def write_table(out_dir: str, table_name: str, env: dict, runs: list[Run], base: ml_collections.ConfigDict,
+                sweep_field: str, eval_lengths: list[int], not_run: list[tuple] = ()) -> None:
+  """<table_name>.json and .md, and (except in worker processes, whose tables are only parts) the .png."""
+  write_results(out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths, not_run))
+  if not FLAGS.claim_dir:
+    compare_plot.plot(str(Path(out_dir) / f"{table_name}.png"), runs, sweep_field=sweep_field,
+                      eval_lengths=eval_lengths, published=PUBLISHED.get(FLAGS.task, {}),
+                      reference_rows=REFERENCE_ROWS.get(FLAGS.task, {}), train_length=base.task.get("train_seq_len"))
 
 
 # Environment fields that must agree for runs of two tables to share one.
@@ -411,7 +422,7 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
   # This process's environment: the workers' machine, and the commits of any --merge_from tables.
   env = {**env, "devices": min(FLAGS.parallel_gpus, count), "parallel_gpus": FLAGS.parallel_gpus,
          "runs_per_gpu": FLAGS.runs_per_gpu}
-  write_results(FLAGS.out_dir, table_name, env, _rows(runs), markdown(FLAGS.task, runs, sweep_field, eval_lengths))
+  write_table(FLAGS.out_dir, table_name, env, runs, base, sweep_field, eval_lengths)
   if failed:
     raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")
 

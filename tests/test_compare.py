@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import compare
+from experiments import compare, compare_plot
 from experiments.cli import literal
 
 
@@ -159,3 +159,28 @@ def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(t
                     f"--merge_from={failed}", "--merge_only", f"--retry_failed={retry}", f"--out_dir={out}"],
                    check=True, capture_output=True)
     assert expected in (out / "compare_listops.md").read_text()
+
+
+def test_plots_for_a_sweep_for_test_lengths_and_per_variant(tmp_path):
+  pytest.importorskip("matplotlib")
+  sweep = [compare.Run("full", seed, value, "ok", 10, accuracy)
+           for seed, value, accuracy in ((0, 64, 0.5), (1, 64, 0.7), (0, 128, 0.9))]
+  sweep += [compare.Run("mamba", 0, 64, "error: diverged"), compare.Run("mamba", 0, 128, "ok", 10, 0.25)]
+  # The mean over finished seeds at each swept value; a failed run adds no point.
+  assert compare_plot.sweep_series(sweep, by_length=False) == {"full": ([64, 128], [60.0, 90.0]),
+                                                               "mamba": ([128], [25.0])}
+  lengths = [compare.Run("mamba", 0, None, "ok", 10, 1.0, {256: 1.0, 1024: 0.5}),
+             compare.Run("linformer", 0, None, "ok", 10, 0.1, {256: None, 1024: 0.1})]
+  assert compare_plot.sweep_series(lengths, by_length=True) == {"linformer": ([1024], [10.0]),
+                                                                "mamba": ([256, 1024], [100.0, 50.0])}
+  per_variant = [compare.Run("full", 0, None, "ok", 10, 0.36), compare.Run("mamba", 0, None, "ok", 10, 0.37)]
+  cases = {"sweep": (sweep, "task.train_seq_len", []), "lengths": (lengths, "", [256, 1024]),
+           "variants": (per_variant, "", [])}
+  for name, (runs, sweep_field, eval_lengths) in cases.items():
+    path = tmp_path / f"{name}.png"
+    assert compare_plot.plot(str(path), runs, sweep_field=sweep_field, eval_lengths=eval_lengths,
+                             published={"full": 36.37}, reference_rows={"S4": 59.6}, train_length=256)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not compare_plot.plot(str(tmp_path / "none.png"), [compare.Run("full", 0, None, "error: oom")],
+                               sweep_field="", eval_lengths=[], published={}, reference_rows={})
+  assert not (tmp_path / "none.png").exists()
