@@ -373,6 +373,12 @@ def in_planned_order(runs: list[Run], planned: list[tuple]) -> list[Run]:
   return sorted(runs, key=lambda run: order.get(_key(run), len(order)))
 
 
+def unfinished(planned: list[tuple], runs: list[Run]) -> list[tuple]:
+  """The planned (sweep value, variant, seed) that have no run."""
+  have = {_key(run) for run in runs}
+  return [(value, name, seed) for value, name, seed in planned if (name, seed, value) not in have]
+
+
 def gpu_ids(parallel_gpus: int, visible: str | None) -> list[str]:
   """The GPUs the workers use: the first parallel_gpus of CUDA_VISIBLE_DEVICES when set (so a comparison can be
   placed on some of a machine's GPUs), else 0 .. parallel_gpus - 1."""
@@ -419,10 +425,12 @@ def _run_in_parallel(base, sweep_field, sweep_values, table_name, eval_lengths, 
     raise app.UsageError(f"no worker wrote results (workers {failed} failed)")
   finished = [run for part in parts.values() for run in runs_from_rows(part["rows"])]
   runs = earlier + in_planned_order(finished, planned)
+  # Runs a worker claimed but never finished (it was killed, or crashed outside a run) are listed as not run.
+  missing = unfinished(planned, runs)
   # This process's environment: the workers' machine, and the commits of any --merge_from tables.
   env = {**env, "devices": min(FLAGS.parallel_gpus, count), "parallel_gpus": FLAGS.parallel_gpus,
          "runs_per_gpu": FLAGS.runs_per_gpu}
-  write_table(FLAGS.out_dir, table_name, env, runs, base, sweep_field, eval_lengths)
+  write_table(FLAGS.out_dir, table_name, env, runs, base, sweep_field, eval_lengths, missing)
   if failed:
     raise app.UsageError(f"workers {failed} failed; the table holds what the others finished")
 

@@ -60,6 +60,7 @@ def test_workers_claim_each_run_once_and_the_merge_restores_the_planned_order(tm
   planned = [(None, f"v{k}", 0) for k in range(5)]
   runs = [compare.Run(f"v{k}", 0, None, "ok", 1, k / 10, {64: k / 10}) for k in range(5)]
   assert compare.in_planned_order([runs[3], runs[0], runs[4], runs[1], runs[2]], planned) == runs
+  assert compare.unfinished(planned, [runs[1], runs[3]]) == [planned[0], planned[2], planned[4]]
   rows = [dataclasses.asdict(run) for run in runs]
   assert compare.runs_from_rows(json.loads(json.dumps(rows))) == runs
 
