@@ -4,7 +4,8 @@
   variant.
 - With --eval_lengths (e.g. induction heads): test accuracy against the test length, a line per variant, the
   training length marked.
-- Otherwise (ListOps): a bar per variant, the published numbers as markers and reference rows as lines.
+- Otherwise (ListOps): a bar per variant (per variant and value for a sweep of non-numbers), the published numbers
+  as markers and reference rows as lines.
 
 Accuracy is the mean over a variant's seeds that finished; a variant with no finished run is left out.
 """
@@ -25,21 +26,30 @@ def _mean_percent(values: list[float]) -> float:
   return 100 * statistics.fmean(values)
 
 
-def sweep_series(runs, *, by_length: bool) -> dict[str, tuple[list, list[float]]]:
-  """{variant: (x values, mean accuracy % at each)} over the sweep values (by_length=False) or the test lengths."""
-  series = {}
-  for variant in sorted({run.variant for run in runs}):
-    ok = [run for run in runs if run.variant == variant and run.status == "ok"]
-    points = {}
-    for run in ok:
-      items = run.length_accuracy.items() if by_length else [(run.sweep_value, run.test_accuracy)]
-      for x, accuracy in items:
-        if accuracy is not None:
-          points.setdefault(x, []).append(accuracy)
-    if points:
-      xs = sorted(points)
-      series[variant] = (xs, [_mean_percent(points[x]) for x in xs])
-  return series
+def sweep_series(runs, *, by_length: bool, sweep_field: str = "") -> dict[str, tuple[list, list[float]]]:
+  """{line label: (x values, mean accuracy % at each)} over the sweep values (by_length=False, a line per variant)
+  or the test lengths (a line per variant, or per variant and sweep value when sweep_field is set, so a line never
+  averages runs of different configurations)."""
+  points = {}
+  for run in runs:
+    if run.status != "ok":
+      continue
+    label = f"{run.variant} ({sweep_field}={run.sweep_value})" if by_length and sweep_field else run.variant
+    items = run.length_accuracy.items() if by_length else [(run.sweep_value, run.test_accuracy)]
+    for x, accuracy in items:
+      if accuracy is not None:
+        points.setdefault(label, {}).setdefault(x, []).append(accuracy)
+  return {label: (sorted(at), [_mean_percent(at[x]) for x in sorted(at)]) for label, at in sorted(points.items())}
+
+
+def bar_values(runs, sweep_field: str) -> dict[tuple, float]:
+  """{(variant, sweep value): mean accuracy %}: a bar per variant, or per (variant, value) for a sweep whose values
+  are not numbers (no x axis to put them on), so one bar never averages runs of different configurations."""
+  accuracies = {}
+  for run in runs:
+    if run.status == "ok":
+      accuracies.setdefault((run.variant, run.sweep_value if sweep_field else None), []).append(run.test_accuracy)
+  return {key: _mean_percent(values) for key, values in accuracies.items()}
 
 
 def plot(path: str, runs, *, sweep_field: str, eval_lengths: list[int], published: dict[str, float],
@@ -55,7 +65,7 @@ def plot(path: str, runs, *, sweep_field: str, eval_lengths: list[int], publishe
     return False
   numeric_sweep = sweep_field and all(isinstance(run.sweep_value, (int, float)) for run in runs)
   if numeric_sweep or eval_lengths:
-    series = sweep_series(runs, by_length=not numeric_sweep)
+    series = sweep_series(runs, by_length=not numeric_sweep, sweep_field=sweep_field)
     if not series:
       return False
     fig, ax = plt.subplots(figsize=(9.5, 5))
@@ -66,17 +76,14 @@ def plot(path: str, runs, *, sweep_field: str, eval_lengths: list[int], publishe
     if not numeric_sweep and train_length:
       ax.axvline(train_length, color="grey", linestyle=":", label=f"training length {train_length}")
   else:
-    ok = {}
-    for run in runs:
-      if run.status == "ok":
-        ok.setdefault(run.variant, []).append(run.test_accuracy)
-    ok = {variant: _mean_percent(accuracies) for variant, accuracies in ok.items()}
-    if not ok:
+    bars = bar_values(runs, sweep_field)
+    if not bars:
       return False
-    names = sorted(ok, key=ok.get)
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5))
-    ax.barh(names, [ok[name] for name in names], color="tab:blue", label="ours")
-    marked = [(i, published[name]) for i, name in enumerate(names) if name in published]
+    keys = sorted(bars, key=bars.get)
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(keys) + 1.5))
+    ax.barh([f"{variant} ({sweep_field}={value})" if sweep_field else variant for variant, value in keys],
+            [bars[key] for key in keys], color="tab:blue", label="ours")
+    marked = [(i, published[variant]) for i, (variant, _) in enumerate(keys) if variant in published]
     if marked:
       ax.scatter([p for _, p in marked], [i for i, _ in marked], color="black", marker="|", s=200, zorder=3,
                  label="published")

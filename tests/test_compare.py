@@ -174,9 +174,17 @@ def test_plots_for_a_sweep_for_test_lengths_and_per_variant(tmp_path):
              compare.Run("linformer", 0, None, "ok", 10, 0.1, {256: None, 1024: 0.1})]
   assert compare_plot.sweep_series(lengths, by_length=True) == {"linformer": ([1024], [10.0]),
                                                                 "mamba": ([256, 1024], [100.0, 50.0])}
+  swept_lengths = [compare.Run("full", 0, "rope", "ok", 10, 1.0, {256: 1.0}),
+                   compare.Run("full", 0, "learned", "ok", 10, 0.2, {256: 0.2})]
+  assert compare_plot.sweep_series(swept_lengths, by_length=True, sweep_field="model.position") == {
+      "full (model.position=learned)": ([256], [20.0]), "full (model.position=rope)": ([256], [100.0])}
   per_variant = [compare.Run("full", 0, None, "ok", 10, 0.36), compare.Run("mamba", 0, None, "ok", 10, 0.37)]
+  named_sweep = [compare.Run("full", 0, "rope", "ok", 10, 0.9), compare.Run("full", 0, "learned", "ok", 10, 0.1)]
+  # A sweep of names gets a bar per value, not one bar averaging them.
+  assert compare_plot.bar_values(named_sweep, "model.position") == {("full", "rope"): 90.0, ("full", "learned"): 10.0}
+  assert compare_plot.bar_values(per_variant, "") == {("full", None): 36.0, ("mamba", None): 37.0}
   cases = {"sweep": (sweep, "task.train_seq_len", []), "lengths": (lengths, "", [256, 1024]),
-           "variants": (per_variant, "", [])}
+           "variants": (per_variant, "", []), "named_sweep": (named_sweep, "model.position", [])}
   for name, (runs, sweep_field, eval_lengths) in cases.items():
     path = tmp_path / f"{name}.png"
     assert compare_plot.plot(str(path), runs, sweep_field=sweep_field, eval_lengths=eval_lengths,
