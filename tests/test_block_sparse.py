@@ -32,6 +32,7 @@ from kernels.block_sparse import (
     stack_heads,
 )
 from kernels.block_sparse.mask import EMPTY, FULL
+from kernels.flash_attention import pallas_gpu
 from tests.block_sparse_helpers import compare, inputs
 from tests.helpers import assert_close
 
@@ -225,3 +226,16 @@ def test_pallas_impl_equals_xla(name, kwargs):
     module = build_mixer(make_config(name, num_heads=4, num_kv_heads=2, impl=impl, **kwargs), 32, rngs=nnx.Rngs(0))
     outputs.append(jax.jit(lambda x, mask: jnp.where(real, module(x, mask=mask), 0))(x, mask))
   assert_close(outputs[1], outputs[0], 1e-5)
+
+
+def test_bench_kernel_blocks_overrides():
+  """The benchmark's --blocks overrides replace the named fields of the GPU defaults and reject bad entries."""
+  from experiments.bench.block_sparse import kernel_blocks
+
+  blocks = kernel_blocks(["block_q=64", "num_warps=4"], head_dim=128)
+  default = pallas_gpu.BlockSizes.get_default(128)
+  assert (blocks.block_q, blocks.num_warps) == (64, 4)
+  assert blocks.block_k == default.block_k and blocks.num_stages_dq == default.num_stages_dq
+  for entry in ("block_x=64", "block_q=big", "num_warps"):
+    with pytest.raises(ValueError, match="--blocks entry"):
+      kernel_blocks([entry])

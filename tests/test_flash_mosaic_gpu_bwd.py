@@ -42,6 +42,26 @@ def test_interpret_matches_reference(t, s, h, hkv, causal):
   _check_gradients(1, t, s, h, hkv, 64, causal, jnp.bfloat16)
 
 
+def _with_blocks(blocks, causal, d):
+  """attention(q, k, v, impl) whose non-reference impl runs the Mosaic backward with `blocks`."""
+
+  def attention(q, k, v, impl):
+    if impl == "xla":
+      return flash_attention(q, k, v, causal=causal, return_lse=True, impl="xla")
+    return _mosaic_bwd_attention(q, k, v, causal=causal, sm_scale=d**-0.5, window=None, kv_lengths=None,
+                                 block_sizes=None, bwd_blocks=blocks)
+
+  return attention
+
+
+def test_interpret_deferred_release():
+  """defer_release frees each ring slot one step late (and the last one after the loops): same gradients,
+  here over two query heads per kv head, masked and unmasked tiles and rows with nothing to attend."""
+  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:2:2:1")
+  assert blocks.defer_release
+  _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
+
+
 def test_lowers_for_hopper_on_cpu():
   """Lowering to Mosaic GPU (layouts, wgmma shapes, the SMEM budget) runs on the host, so CI catches breakage
   of the compiled path too; only PTX compilation and the run itself need the GPU."""
@@ -68,8 +88,9 @@ def test_supports_and_rejections():
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="window"):
     flash_attention(q, q, q, window=(8, 0), impl="mosaic_bwd")
-  with pytest.raises(ValueError, match="spec"):
-    mosaic_gpu_bwd.BlockSizes.parse("64:64")
+  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x"):
+    with pytest.raises(ValueError, match="spec"):
+      mosaic_gpu_bwd.BlockSizes.parse(spec)
 
 
 @pytest.mark.gpu
@@ -87,15 +108,12 @@ def test_gpu_causal_unequal_lengths(t, s):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec,d", [("64:64:64:128:3:2", 128), ("64:64:64:64:2:3", 64), ("128:64:64:64:2:2", 128)])
-def test_gpu_tile_configs(spec, d):
+@pytest.mark.parametrize("spec,d", [("64:64:64:128:3:2", 128), ("64:64:64:64:2:3", 64), ("128:64:64:64:2:2", 128),
+                                    ("64:64:64:64:3:3:1", 128), ("64:64:64:128:3:2:1", 128),
+                                    ("64:64:64:128:3:3:1", 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_tile_configs(spec, d, causal):
   """The configurations the benchmark sweep tries compile and give the same gradients."""
   blocks = mosaic_gpu_bwd.BlockSizes.parse(spec)
-
-  def attention(q, k, v, impl):
-    if impl == "xla":
-      return flash_attention(q, k, v, causal=True, return_lse=True, impl="xla")
-    return _mosaic_bwd_attention(q, k, v, causal=True, sm_scale=d**-0.5, window=None, kv_lengths=None,
-                                 block_sizes=None, bwd_blocks=blocks)
-
-  _check_gradients(1, 1024, 1024, 4, 2, d, True, jnp.float16 if d == 64 else jnp.bfloat16, attention)
+  _check_gradients(1, 1024, 1024, 4, 2, d, causal, jnp.float16 if d == 64 else jnp.bfloat16,
+                   _with_blocks(blocks, causal, d))

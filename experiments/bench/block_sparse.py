@@ -16,6 +16,7 @@ import os
 # JAX would otherwise take 75% of the GPU up front and leave PyTorch (FlexAttention) nothing.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -27,7 +28,7 @@ from absl import app, flags  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.block_sparse import bigbird, block_sparse_attention, local  # noqa: E402
 from kernels.block_sparse.mask import bigbird_block_layout  # noqa: E402
-from kernels.flash_attention import flash_attention  # noqa: E402
+from kernels.flash_attention import flash_attention, pallas_gpu  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and markdown go.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "16384", "32768"], "Sequence lengths T (= S).")
@@ -36,8 +37,25 @@ _PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "slidi
 _IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "flex"], "Sparse implementations to time (besides dense flash).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
+_BLOCKS = flags.DEFINE_list(
+    "blocks", [], "Overrides of our kernels' tiles and launch parameters, field=value each (fields of "
+    "kernels.flash_attention.pallas_gpu.BlockSizes, e.g. block_q=64,num_warps=4), applied to the defaults for D; "
+    "tiles are still capped at the mask tile. Dense flash keeps its defaults.")
 _B, _H, _D = 1, 16, 128
 _BIGBIRD = dict(block_size=128, num_sliding_blocks=3, num_global_blocks=1, num_random_blocks=3, seed=0, causal=False)
+
+
+def kernel_blocks(overrides: list[str], head_dim: int = _D) -> pallas_gpu.BlockSizes:
+  """The default GPU BlockSizes for head_dim with `field=value` overrides; ValueError names a bad entry."""
+  blocks = pallas_gpu.BlockSizes.get_default(head_dim)
+  fields = {f.name for f in dataclasses.fields(blocks)}
+  changes = {}
+  for entry in overrides:
+    name, _, value = entry.partition("=")
+    if name not in fields or not value.isdigit():
+      raise ValueError(f"--blocks entry {entry!r} is not valid; use field=int with field one of {sorted(fields)}")
+    changes[name] = int(value)
+  return dataclasses.replace(blocks, **changes)
 
 
 def _window(pattern: str) -> int | None:
@@ -140,7 +158,9 @@ def _row(rows, env, name, pattern, t, flops, block_flops, measure):
 
 def main(argv):
   del argv
+  blocks = kernel_blocks(_BLOCKS.value)
   env = environment()
+  env["blocks"] = dataclasses.asdict(blocks)
   flex = _flex() if "flex" in _IMPLS.value else None
   rows, pattern_flops = [], {}
   for t in map(int, _SEQ_LENS.value):
@@ -158,7 +178,8 @@ def main(argv):
       block_flops = 4 * _B * _H * _D * mask.nonempty_blocks() * mask.block_q * mask.block_k // mask.num_heads
       if "ours" in _IMPLS.value:
         _row(rows, env, "ours", pattern, t, flops, block_flops, lambda: _measure_jax(
-            lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas"), inputs, _ITERS.value))
+            lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas", block_sizes=blocks), inputs,
+            _ITERS.value))
       window = _window(pattern)
       if "cudnn" in _IMPLS.value and window is not None:
         _row(rows, env, "cudnn", pattern, t, flops, None, lambda: _measure_jax(
@@ -171,8 +192,9 @@ def main(argv):
 
 
 def _table(rows):
-  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}. ms fwd / fwd+bwd; ours: TFLOP/s "
-           "on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
+  overrides = f", our kernel tiles with {', '.join(_BLOCKS.value)}" if _BLOCKS.value else ""
+  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd; ours: "
+           "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
            "| T | pattern | ours ms | ours TFLOP/s (pairs) | ours TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
            "|---|---|---|---|---|---|---|---|---|"]

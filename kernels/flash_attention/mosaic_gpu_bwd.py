@@ -45,6 +45,10 @@ class BlockSizes:
   compute_wgs: int = 2  # compute warpgroups per CTA (each with its own rows), plus one producer
   num_stages_dkv: int = 3  # depth of the (Q, dO) TMA ring
   num_stages_dq: int = 3  # depth of the (K, V) TMA ring
+  # Leave a step's last wgmmas (dV, dK; or dQ) in flight into the next step and free its ring slot only once
+  # the next step's first accumulator load has waited for them, instead of draining the tensor-core queue at
+  # every step's end. Costs one slot of prefetch depth (the slot is held one step longer).
+  defer_release: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
@@ -66,13 +70,18 @@ class BlockSizes:
 
   @classmethod
   def parse(cls, spec: str) -> "BlockSizes":
-    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq' (compute_wgs stays 2), for benchmark sweeps."""
-    fields = [int(x) for x in spec.split(":")]
-    if len(fields) != 6:
-      raise ValueError(f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq")
-    bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields
+    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer]' (compute_wgs stays 2; defer is 0 or 1, the
+    `defer_release` flag), for benchmark sweeps."""
+    usage = f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or :1"
+    try:
+      fields = [int(x) for x in spec.split(":")]
+    except ValueError:
+      raise ValueError(usage) from None
+    if len(fields) not in (6, 7) or (len(fields) == 7 and fields[6] not in (0, 1)):
+      raise ValueError(usage)
+    bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields[:6]
     return cls(block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
-               num_stages_dkv=st_dkv, num_stages_dq=st_dq)
+               num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=len(fields) == 7 and fields[6] == 1)
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, window=None, kv_lengths=None,
@@ -192,6 +201,24 @@ def _produce(fetch, steps, consumed, stages: int):
     plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
 
+def _release_previous(consumed, index, stages: int):
+  """Deferred release: frees the slot of stream step index - 1. Called right after step `index` waited for
+  every wgmma group but its newest, so the previous step's groups (the last readers of that slot) are done."""
+
+  @pl.when(index > 0)
+  def _():
+    plgpu.barrier_arrive(consumed.at[lax.rem(index + stages - 1, stages)])
+
+
+def _release_last(consumed, steps, stages: int):
+  """Deferred release: after the last of `steps` stream steps, awaits its wgmmas and frees its slot."""
+  plgpu.wgmma_wait(0)
+
+  @pl.when(jnp.asarray(steps) > 0)
+  def _():
+    plgpu.barrier_arrive(consumed.at[lax.rem(jnp.asarray(steps) + stages - 1, stages)])
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers, *,
                 st: _Static):
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *staging = smem
@@ -216,7 +243,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     p_stage, ds_stage = (staging[0].at[wg], staging[1].at[wg]) if st.stage_lhs else (None, None)
 
     def step(i, carry, *, g, masked, dk_ref, dv_ref):
-      slot = lax.rem(g * n + i - lo, stages)
+      index = g * n + i - lo  # position in the producer's stream
+      slot = lax.rem(index, stages)
       q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
       plgpu.barrier_wait(q_bar.at[slot])
       plgpu.barrier_wait(do_bar.at[slot])
@@ -227,6 +255,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         # wgmma groups retire in issue order, so with one group left in flight S^T is ready while dP^T still
         # runs: the exponentials overlap the tensor cores (and dS^T below overlaps the dV product).
         s_t = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)
+        if blocks.defer_release:
+          _release_previous(consumed, index, stages)
         plgpu.barrier_wait(lse_bar.at[slot])
         lse2 = _col_vector(lse_smem.at[slot])
         p_t = jnp.exp2(s_t * st.scale2 - lax.broadcast_in_dim(lse2, (bk, bq), [1]))
@@ -243,9 +273,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         plgpu.wgmma(dk_ref, _lhs(ds_t.astype(st.dtype), ds_stage), q_tile)
 
       pl.run_scoped(tile, plgpu.ACC((bk, bq), jnp.float32), plgpu.ACC((bk, bq), jnp.float32))
-      # The slot may be refilled only once both wgmmas have read it.
-      plgpu.wgmma_wait(0)
-      plgpu.barrier_arrive(consumed.at[slot])
+      if not blocks.defer_release:
+        # The slot may be refilled only once both wgmmas have read it.
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[slot])
       return carry
 
     def accumulate(dk_ref, dv_ref):
@@ -256,6 +287,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         return lax.fori_loop(full_lo, hi, functools.partial(body, masked=False), carry)
 
       lax.fori_loop(0, st.group, head, None)
+      if blocks.defer_release:
+        _release_last(consumed, st.group * n, stages)
       return dk_ref[...], dv_ref[...]
 
     # Zero-initialised fp32 accumulators that live in registers across the whole loop.
@@ -332,6 +365,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ba
         plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
         # S is ready while dP still runs (groups retire in issue order): the exponentials overlap it.
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        if blocks.defer_release:
+          _release_previous(consumed, j, stages)
         p = jnp.exp2(s * st.scale2 - lax.broadcast_in_dim(lse2, (bq, bk), [0]))
         if masked:
           q_idx = q_start + wg * bq + _iota((bq, bk), 0)
@@ -341,15 +376,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ba
         plgpu.wgmma(dq_ref, _lhs(ds.astype(st.dtype), ds_stage), k_tile)
 
       pl.run_scoped(tile, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-      # The slot may be refilled only once the wgmma has read it.
-      plgpu.wgmma_wait(0)
-      plgpu.barrier_arrive(consumed.at[slot])
+      if not blocks.defer_release:
+        # The slot may be refilled only once the wgmma has read it.
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[slot])
       return carry
 
     def accumulate(dq_ref):
       lax.fori_loop(0, full_hi, functools.partial(step, masked=False, dq_ref=dq_ref), None)
       if st.causal:
         lax.fori_loop(full_hi, hi, functools.partial(step, masked=True, dq_ref=dq_ref), None)
+      if blocks.defer_release:
+        _release_last(consumed, hi, stages)
       return dq_ref[...]
 
     dq = pl.run_scoped(accumulate, plgpu.ACC((bq, st.head_dim), jnp.float32))
