@@ -67,7 +67,9 @@ def _visit(num_full, count, block_at, tile_at, tile_slice, *, extent: int, step:
   steps = extent // step
 
   def one_step(i, carry, masked):
-    j, c = (i, 0) if steps == 1 else (i // steps, i % steps)
+    # lax.div/lax.rem on int32 operands: jnp's floor-division helpers lower to Triton with a mistyped (i1)
+    # operand, and i >= 0 makes truncation and flooring agree.
+    j, c = (i, 0) if steps == 1 else (lax.div(i, jnp.int32(steps)), lax.rem(i, jnp.int32(steps)))
     start = pl.multiple_of(block_at(j) * extent + c * step, step)
     return body(start, tile_slice(tile_at(j), c) if masked else None, carry)
 
