@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from efficient_attention import build_mixer, make_config
-from kernels import linear_attention
+from kernels import backend, linear_attention
+from kernels.linear_attention.api import auto_impl
 from kernels.linear_attention.pallas_gpu import BlockSizes
 from kernels.linear_attention.reference import linear_attention_recurrent
 from tests.helpers import assert_close
@@ -128,6 +129,20 @@ def test_auto_takes_the_reference_off_gpu_and_pallas_declines_other_dtypes():
   fp8 = jnp.float8_e4m3fn
   with pytest.raises(NotImplementedError, match="impl='pallas' takes float32, bfloat16 or float16"):
     linear_attention(q.astype(fp8), k.astype(fp8), v, impl="pallas")
+
+
+def test_auto_on_gpu_takes_the_kernels_up_to_the_measured_key_dim(monkeypatch):
+  """On a GPU, impl="auto" takes the Triton kernels (Pallas without jax-triton) for K <= 128 and the chunked XLA
+  path for wider feature maps (Performer's 256 features), where it measured 3.5x faster."""
+  monkeypatch.setattr(backend, "on_gpu", lambda: True)
+  monkeypatch.setattr(backend, "has_jax_triton", lambda: True)
+  shape = lambda width: jax.ShapeDtypeStruct((2, 64, 4, width), jnp.float32)
+  assert auto_impl(shape(128), shape(32)) == "triton"
+  assert auto_impl(shape(256), shape(33)) == "xla"
+  monkeypatch.setattr(backend, "has_jax_triton", lambda: False)
+  assert auto_impl(shape(64), shape(64)) == "pallas"
+  monkeypatch.setattr(backend, "on_gpu", lambda: False)
+  assert auto_impl(shape(64), shape(64)) == "xla"
 
 
 def _assert_variant_matches(variant, width, heads, t, tol):

@@ -21,6 +21,12 @@ IMPLEMENTATIONS = ("xla", "auto", "pallas", "triton")
 # pallas 3.35 ms at T=16K, 9.16 vs 11.84 ms at 64K (forward alone within 11% either way). Falls back to
 # "pallas" without jax-triton.
 GPU_AUTO_IMPL = "triton"
+# Widest key/feature dim K for which impl="auto" takes the GPU kernels; wider ones take the chunked XLA path, whose
+# batched matmuls handle wide K x V states better. Measured (one H200, commit b60d9b7, experiments.scaling
+# --variants=performer at the MQAR model: width 128, 4 heads, 256 features of a 32-dim head, fp32, batch 64):
+# training step 6.2 / 11.2 ms at T=256 / 512 with "xla" against 20.7 / 39.2 ms with "triton" and 57.1 / 111.0
+# ms with "pallas". Only K <= 128 has been measured in the kernels' favour (benchmarks/results/linear_attention.md).
+GPU_KERNEL_MAX_KEY_DIM = 128
 _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
@@ -116,11 +122,7 @@ def linear_attention(
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive int")
   if impl == "auto":
-    impl = "pallas" if backend.has_pallas_kernels() else "xla"
-    if impl == "pallas" and not _pallas_supports(q, v, decay):
-      impl = "xla"
-    elif impl == "pallas" and backend.on_gpu() and GPU_AUTO_IMPL == "triton" and backend.has_jax_triton():
-      impl = "triton"
+    impl = auto_impl(q, v, decay)
   if impl == "pallas":
     o, state = _pallas_linear_attention(q, k, v, decay, initial_state, block_sizes, interpret=not backend.on_gpu())
   elif impl == "triton":
@@ -130,6 +132,18 @@ def linear_attention(
         q, k, v, decay=decay, initial_state=initial_state, chunk_size=chunk_size
     )
   return (o, state) if return_final_state else o
+
+
+def auto_impl(q: jax.Array, v: jax.Array, decay: jax.Array | None = None) -> str:
+  """The implementation impl="auto" takes for q [B, T, H, K], v [B, T, H, V] on this platform."""
+  if not backend.has_pallas_kernels() or not _pallas_supports(q, v, decay):
+    return "xla"
+  if backend.on_gpu():
+    if q.shape[-1] > GPU_KERNEL_MAX_KEY_DIM:
+      return "xla"
+    if GPU_AUTO_IMPL == "triton" and backend.has_jax_triton():
+      return "triton"
+  return "pallas"
 
 
 def _triton_linear_attention(q, k, v, decay, initial_state, block_sizes):
