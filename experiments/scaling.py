@@ -284,7 +284,7 @@ def markdown(rows: list[Row], lengths: list[int], model: str) -> str:
   header += "| variant | " + " | ".join(f"T={t // 1024}K" if t >= 1024 else f"T={t}" for t in lengths)
   header += " | longest T that fits |" if searched else " |"
   lines = [header, "|---" * (len(lengths) + 1 + searched) + "|"]
-  for variant in dict.fromkeys(row.variant for row in rows):
+  for variant in sorted({row.variant for row in rows}):  # name order, however the rows were merged
     cells = []
     for t in lengths:
       row = next((r for r in rows if r.variant == variant and r.seq_len == t), None)
@@ -320,7 +320,7 @@ def plot(rows: list[Row], path: str) -> None:
   fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 5))
   # Twelve variants outrun the default ten-colour cycle: distinct colours and markers keep every line apart.
   colors, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*XP"
-  for i, variant in enumerate(dict.fromkeys(row.variant for row in rows)):
+  for i, variant in enumerate(sorted({row.variant for row in rows})):
     ok = [r for r in rows if r.variant == variant and r.status == "ok"]
     if not ok:
       continue

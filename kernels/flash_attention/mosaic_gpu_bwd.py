@@ -47,13 +47,17 @@ class BlockSizes:
   num_stages_dq: int = 3  # depth of the (K, V) TMA ring
   # Leave a step's last wgmmas (dV, dK; or dQ) in flight into the next step and free its ring slot only once
   # the next step's first accumulator load has waited for them, instead of draining the tensor-core queue at
-  # every step's end. Costs one slot of prefetch depth (the slot is held one step longer).
+  # every step's end. Costs one slot of prefetch depth (the slot is held one step longer). Measured slower on
+  # an H200 (T=8K/16K, D=128, fwd+bwd 404-434 against 462-483 TFLOP/s, benchmarks/results/
+  # flash_attention_mosaic_bwd_defer.md), so off; kept as a sweep option.
   defer_release: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
-    """Defaults per head dim (3-deep rings: ~160 KiB of SMEM at D = 128); not yet tuned on a GPU, sweep with
-    experiments/bench/flash_attention.py --mosaic_bwd_configs."""
+    """Defaults per head dim (3-deep rings: ~160 KiB of SMEM at D = 128). At D = 128 the sweeps on an H200
+    (experiments/bench/flash_attention.py --mosaic_bwd_configs; benchmarks/results/flash_attention_mosaic_bwd_*.md)
+    put 64:64:64:128 with 3/2 stages within run-to-run spread of these (non-causal 465 vs 462 TFLOP/s at 8K) and
+    every other tiling tried below them."""
     if head_dim <= 64:
       return cls(block_k_dq=128)
     return cls()
