@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -32,8 +33,8 @@ DECODER_TOLERANCE = 1e-4
 GPU_F32_TOLERANCE = 5e-3
 
 
-@pytest.fixture(scope="module")
-def multi_device_results():
+def _run_parallel_checks() -> dict:
+  """tests/parallel_checks.py in a subprocess with 4 CPU devices -> its results, or AssertionError with stderr."""
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
   env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
                               if not flag.startswith("--xla_force_host_platform_device_count"))
@@ -42,6 +43,37 @@ def multi_device_results():
                         text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-4000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def multi_device_results(tmp_path_factory, request):
+  """The subprocess's results, computed once per pytest run: under pytest-xdist the first worker to need them
+  runs it (about two minutes on 2 cores) and the others read its JSON from the run's shared temp directory
+  instead of starting their own."""
+  worker = getattr(request.config, "workerinput", {}).get("workerid")
+  if worker is None:
+    return _run_parallel_checks()
+  shared = tmp_path_factory.getbasetemp().parent  # one per run, common to its workers
+  results, claim = shared / "parallel_checks.json", shared / "parallel_checks.claim"
+  try:
+    os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+  except FileExistsError:  # another worker runs it: wait for its result (or its error)
+    deadline = time.monotonic() + 1200
+    while not results.exists():
+      assert time.monotonic() < deadline, "the worker running tests/parallel_checks.py did not finish"
+      time.sleep(2)
+    saved = json.loads(results.read_text())
+    assert "error" not in saved, saved.get("error")
+    return saved["results"]
+  try:
+    saved = {"results": _run_parallel_checks()}
+  except AssertionError as error:
+    saved = {"error": str(error)}
+  partial = results.with_suffix(".partial")
+  partial.write_text(json.dumps(saved))
+  partial.replace(results)  # atomic: a waiting worker never reads half a file
+  assert "error" not in saved, saved.get("error")
+  return saved["results"]
 
 
 @pytest.mark.parametrize("check", ["ring_causal_zigzag", "ring_causal_zigzag_head_groups",
