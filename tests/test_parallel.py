@@ -5,12 +5,6 @@ the device count once, before jax starts, and the rest of the suite runs on one 
 """
 
 import importlib
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +16,9 @@ from efficient_attention import parallel
 from kernels.flash_attention import flash_attention
 from kernels.linear_attention import linear_attention
 from kernels.selective_scan import selective_scan
+from tests import parallel_runner
 from tests.helpers import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
 # f32 tolerance of DESIGN.md section 5 for single ops; the decoder's gradients pass through four layers of
 # differently ordered sums, so they get ten times more room.
 OP_TOLERANCE = 1e-5
@@ -33,47 +27,16 @@ DECODER_TOLERANCE = 1e-4
 GPU_F32_TOLERANCE = 5e-3
 
 
-def _run_parallel_checks() -> dict:
-  """tests/parallel_checks.py in a subprocess with 4 CPU devices -> its results, or AssertionError with stderr."""
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-  env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
-                              if not flag.startswith("--xla_force_host_platform_device_count"))
-  env["JAX_PLATFORMS"] = "cpu"
-  done = subprocess.run([sys.executable, "-m", "tests.parallel_checks"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def multi_device_results(tmp_path_factory, request):
-  """The subprocess's results, computed once per pytest run: under pytest-xdist the first worker to need them
-  runs it (about two minutes on 2 cores) and the others read its JSON from the run's shared temp directory
-  instead of starting their own."""
-  worker = getattr(request.config, "workerinput", {}).get("workerid")
-  if worker is None:
-    return _run_parallel_checks()
-  shared = tmp_path_factory.getbasetemp().parent  # one per run, common to its workers
-  results, claim = shared / "parallel_checks.json", shared / "parallel_checks.claim"
-  try:
-    os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
-  except FileExistsError:  # another worker runs it: wait for its result (or its error)
-    deadline = time.monotonic() + 1200
-    while not results.exists():
-      assert time.monotonic() < deadline, "the worker running tests/parallel_checks.py did not finish"
-      time.sleep(2)
-    saved = json.loads(results.read_text())
-    assert "error" not in saved, saved.get("error")
-    return saved["results"]
-  try:
-    saved = {"results": _run_parallel_checks()}
-  except AssertionError as error:
-    saved = {"error": str(error)}
-  partial = results.with_suffix(".partial")
-  partial.write_text(json.dumps(saved))
-  partial.replace(results)  # atomic: a waiting worker never reads half a file
-  assert "error" not in saved, saved.get("error")
-  return saved["results"]
+def multi_device_results(request):
+  """tests/parallel_checks.py's results, computed once per run (see tests/parallel_runner.py): under
+  pytest-xdist they were started in the background when collection ended (tests/conftest.py)."""
+  workerinput = getattr(request.config, "workerinput", None)
+  if workerinput is None:
+    return parallel_runner.run_now()
+  directory = parallel_runner.shared_dir(workerinput["testrunuid"])
+  parallel_runner.start_in_background(directory)  # a no-op when collection already started them
+  return parallel_runner.wait_for_results(directory)
 
 
 @pytest.mark.parametrize("check", ["ring_causal_zigzag", "ring_causal_zigzag_head_groups",
