@@ -31,10 +31,10 @@ def pytest_collection_finish(session):
   """Under pytest-xdist, starts the multi-device checks of tests/test_parallel.py in the background as soon as a
   worker has collected tests that need them, so the rest of the suite runs beside them (tests/parallel_runner.py).
   """
-  workerinput = getattr(session.config, "workerinput", None)
-  if workerinput is None or not any("multi_device_results" in getattr(item, "fixturenames", ())
-                                    for item in session.items):
+  if not any("multi_device_results" in getattr(item, "fixturenames", ()) for item in session.items):
     return
-  from tests import parallel_runner  # noqa: PLC0415 (only xdist workers need it)
+  from tests import parallel_runner  # noqa: PLC0415 (only runs that collect those tests need it)
 
-  parallel_runner.start_in_background(parallel_runner.shared_dir(workerinput["testrunuid"]))
+  directory = parallel_runner.shared_dir(session.config)
+  if directory is not None:
+    parallel_runner.start_in_background(directory)

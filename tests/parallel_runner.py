@@ -41,15 +41,19 @@ def run_now() -> dict:
   return _parse(done.returncode, done.stdout, done.stderr)
 
 
-def shared_dir(testrunuid: str) -> Path:
-  """The directory every xdist worker of one run (same testrunuid) uses for the checks' output."""
-  path = Path(tempfile.gettempdir()) / f"efficient-attention-parallel-checks-{testrunuid}"
+def shared_dir(config) -> Path | None:
+  """The directory every pytest-xdist worker of this run (same testrunuid) uses for the checks' output; None
+  when pytest runs without xdist."""
+  workerinput = getattr(config, "workerinput", None)
+  if workerinput is None:
+    return None
+  path = Path(tempfile.gettempdir()) / f"efficient-attention-parallel-checks-{workerinput['testrunuid']}"
   path.mkdir(exist_ok=True)
   return path
 
 
-def start_in_background(directory: Path) -> bool:
-  """Starts the checks writing into `directory` unless another worker already did; True if this call did.
+def start_in_background(directory: Path) -> None:
+  """Starts the checks writing into `directory` unless another worker already did.
 
   A shell writes the exit status after the process ends, so the result does not depend on the starting worker
   still running; `timeout` bounds a run that the suite was stopped under.
@@ -57,7 +61,7 @@ def start_in_background(directory: Path) -> bool:
   try:
     os.close(os.open(directory / "claim", os.O_CREAT | os.O_EXCL))
   except FileExistsError:
-    return False
+    return
   q = lambda path: shlex.quote(str(path))
   command = (f"timeout {TIMEOUT_S} {shlex.quote(sys.executable)} -m tests.parallel_checks "
              f"> {q(directory / _STDOUT)} 2> {q(directory / _STDERR)}; "
@@ -65,7 +69,6 @@ def start_in_background(directory: Path) -> bool:
              f"mv {q(directory / (_RETURNCODE + '.partial'))} {q(directory / _RETURNCODE)}")
   subprocess.Popen(["sh", "-c", command], cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-  return True
 
 
 def wait_for_results(directory: Path) -> dict:

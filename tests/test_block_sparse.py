@@ -239,4 +239,3 @@ def test_bench_kernel_blocks_overrides():
   for entry in ("block_x=64", "block_q=big", "num_warps"):
     with pytest.raises(ValueError, match="--blocks entry"):
       kernel_blocks([entry])
-

@@ -31,10 +31,9 @@ GPU_F32_TOLERANCE = 5e-3
 def multi_device_results(request):
   """tests/parallel_checks.py's results, computed once per run (see tests/parallel_runner.py): under
   pytest-xdist they were started in the background when collection ended (tests/conftest.py)."""
-  workerinput = getattr(request.config, "workerinput", None)
-  if workerinput is None:
+  directory = parallel_runner.shared_dir(request.config)
+  if directory is None:
     return parallel_runner.run_now()
-  directory = parallel_runner.shared_dir(workerinput["testrunuid"])
   parallel_runner.start_in_background(directory)  # a no-op when collection already started them
   return parallel_runner.wait_for_results(directory)
 

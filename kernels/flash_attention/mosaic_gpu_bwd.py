@@ -217,10 +217,11 @@ def _release_previous(consumed, index, stages: int):
 def _release_last(consumed, steps, stages: int):
   """Deferred release: after the last of `steps` stream steps, awaits its wgmmas and frees its slot."""
   plgpu.wgmma_wait(0)
+  steps = jnp.asarray(steps)  # a Python int when the loop bounds are static (non-causal dq)
 
-  @pl.when(jnp.asarray(steps) > 0)
+  @pl.when(steps > 0)
   def _():
-    plgpu.barrier_arrive(consumed.at[lax.rem(jnp.asarray(steps) + stages - 1, stages)])
+    plgpu.barrier_arrive(consumed.at[lax.rem(steps + stages - 1, stages)])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers, *,
