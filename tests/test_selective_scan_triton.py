@@ -38,7 +38,8 @@ def test_triton_off_gpu_raises_a_clear_error():
         (dict(block_sizes=BlockSizes(atomic_bc=1)), r"^block_sizes\.atomic_bc=1 .* bool"),
         (dict(block_sizes=BlockSizes(prefetch=0)), r"^block_sizes\.prefetch=0 .* bool"),
         # Dm / G = 4 channels per group: a 16-channel block would span groups.
-        (dict(block_sizes=BlockSizes(block_d_bwd=16), groups=2), r"^block_sizes\.block_d_bwd=16 .* Dm / G = 4"),
+        (dict(block_sizes=BlockSizes(block_d=4, block_d_bwd=16), groups=2),
+         r"^block_sizes\.block_d_bwd=16 .* Dm / G = 4"),
         (dict(x_dtype=jnp.int32), r"^x\.dtype=int32 is not valid for impl='triton'"),
     ],
 )
@@ -53,7 +54,7 @@ def test_triton_invalid_arguments_name_the_argument(change, message):
 def test_default_tiles_scale_with_the_state_size_and_fit_the_groups():
   assert BlockSizes.get_default(16) == BlockSizes()
   blocks = BlockSizes.get_default(64)
-  assert (blocks.block_d, blocks.block_d_bwd, blocks.prefetch) == (1, 2, False)
+  assert (blocks.block_d, blocks.block_d_bwd, blocks.prefetch) == (2, 1, False)
   # Dm / G = 2 channels per group: both blocks halve until they divide it.
   assert (BlockSizes.get_default(4).fitted(2).block_d, BlockSizes.get_default(4).fitted(2).block_d_bwd) == (2, 2)
 
@@ -67,10 +68,10 @@ def test_pallas_block_sizes_are_rejected_by_triton():
 
 
 # Small tiles put several chunks and channel blocks in every case. SMALL's checkpoints (chunk_bwd < chunk) fall
-# inside the forward's chunks, its dB/dC are atomic adds and its forward loads each chunk's inputs in place (no
+# inside the forward's chunks (four to a chunk; the defaults put two), its dB/dC are atomic adds and its forward loads each chunk's inputs in place (no
 # prefetch); COARSE_CHECKPOINTS' (chunk_bwd > chunk) span two forward chunks, and its backward tiles cross two
 # warps.
-SMALL = BlockSizes(block_d=4, chunk=16, num_stages=1, block_d_bwd=2, chunk_bwd=8, num_warps_bwd=1, atomic_bc=True,
+SMALL = BlockSizes(block_d=4, chunk=16, num_stages=1, block_d_bwd=2, chunk_bwd=4, num_warps_bwd=1, atomic_bc=True,
                    prefetch=False)
 COARSE_CHECKPOINTS = BlockSizes(block_d=2, chunk=8, block_d_bwd=2, chunk_bwd=16, num_warps_bwd=2)
 

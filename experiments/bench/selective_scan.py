@@ -43,7 +43,10 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192", "32768"], "Sequence l
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Dtypes of x, dt, z, B, C.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "triton", "xla", "assoc_scan", "mamba_ssm"],
                            "Implementations to time.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
+_BACK_TO_BACK = flags.DEFINE_integer(
+    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
+    "samples are device time per call for JAX and PyTorch alike; 1 times every call with its dispatch.")
 _SEGMENTS = flags.DEFINE_list("segments", [], "Also time ours with BlockSizes(segment=S) for each S, as rows "
                                "ours[seg=S], e.g. 256,512,1024; S:field=value:... sets other BlockSizes fields.")
 _TRITON_BLOCKS = flags.DEFINE_list("triton_blocks", [], "Also time impl='triton' with these tiles, as rows "
@@ -141,7 +144,7 @@ def _jax_impls(names, segments, triton_specs):
 _ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 
 
-def _measure_jax(scan, input_sets, iters):
+def _measure_jax(scan, input_sets, iters, back_to_back):
   """(fwd ms, fwd+bwd ms); fwd+bwd is the gradient of sum(y * dy) with respect to all eight inputs."""
   sets = [tuple(s[k] for k in _ARG_NAMES) + (s["dy"],) for s in input_sets]
   fwd = jax.jit(lambda *a: scan(*a[:-1]))
@@ -150,7 +153,8 @@ def _measure_jax(scan, input_sets, iters):
     return jnp.sum(scan(*a[:-1]).astype(jnp.float32) * a[-1].astype(jnp.float32))
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(_ARG_NAMES)))))
-  return median_ms(fwd, sets, iters=iters), median_ms(fwd_bwd, sets, iters=iters)
+  return (median_ms(fwd, sets, iters=iters, back_to_back=back_to_back),
+          median_ms(fwd_bwd, sets, iters=iters, back_to_back=back_to_back))
 
 
 def _copy_rate() -> float:
@@ -191,7 +195,7 @@ class _MambaSsm:
     )
     self.torch = torch
 
-  def measure(self, length, dtype, iters):
+  def measure(self, length, dtype, iters, back_to_back):
     torch = self.torch
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -212,20 +216,10 @@ class _MambaSsm:
       out, x, *rest = m.fwd(u, delta, a, b, c, d, z, bias, True)
       return m.bwd(u, delta, a, b, c, d, z, bias, dout, x, out, None, True, False)
 
-    return self._median(fwd, iters), self._median(fwd_bwd, iters)
+    return self._median(fwd, iters, back_to_back), self._median(fwd_bwd, iters, back_to_back)
 
-  def _median(self, fn, iters):
-    torch = self.torch
-    for _ in range(3):
-      fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-      start = time.perf_counter()
-      fn()
-      torch.cuda.synchronize()
-      times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+  def _median(self, fn, iters, back_to_back):
+    return median_ms(fn, [()], iters=iters, back_to_back=back_to_back, sync=lambda _: self.torch.cuda.synchronize())
 
 
 def _error(e):
@@ -247,6 +241,7 @@ def main(argv):
     print("mamba_ssm skipped: pass --mamba_ssm_src=DIR (extracted sdist) to build its CUDA scan")
   rate = _copy_rate()
   env["copy_rate_gb_s"] = rate / 1e9
+  env["back_to_back"] = _BACK_TO_BACK.value
   rows, names = [], list(impls) + (["mamba_ssm"] if mamba else [])
   for dtype in _DTYPES.value:
     for length in map(int, _SEQ_LENS.value):
@@ -256,9 +251,9 @@ def main(argv):
         row = dict(impl=name, L=length, dtype=dtype, B=_BATCH, Dm=_DM, N=_N, floor_ms=floor)
         try:
           if name == "mamba_ssm":
-            fwd_ms, fwd_bwd_ms = mamba.measure(length, dtype, _ITERS.value)
+            fwd_ms, fwd_bwd_ms = mamba.measure(length, dtype, _ITERS.value, _BACK_TO_BACK.value)
           else:
-            fwd_ms, fwd_bwd_ms = _measure_jax(impls[name], input_sets, _ITERS.value)
+            fwd_ms, fwd_bwd_ms = _measure_jax(impls[name], input_sets, _ITERS.value, _BACK_TO_BACK.value)
           row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms)
         except Exception as e:  # OOM (assoc_scan at 32K) or an unsupported row is reported, not fatal
           row["error"] = _error(e)
@@ -274,7 +269,8 @@ def main(argv):
       for blocks in SWEEP:
         row = dict(impl="ours", L=_SWEEP_LEN.value, dtype=dtype, blocks=str(blocks))
         try:
-          row["fwd_ms"], row["fwd_bwd_ms"] = _measure_jax(_ours(blocks), input_sets, _ITERS.value)
+          row["fwd_ms"], row["fwd_bwd_ms"] = _measure_jax(_ours(blocks), input_sets, _ITERS.value,
+                                                          _BACK_TO_BACK.value)
         except Exception as e:  # a tile choice Triton rejects is reported, not fatal
           row["error"] = _error(e)
         sweep_rows.append(row)
@@ -287,7 +283,8 @@ def _table(rows, names, sweep_rows):
   cell = lambda r: f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}" if "fwd_ms" in r else "n/a"
   # Every variant of ours and of triton against mamba_ssm, the plain one against assoc_scan.
   pairs = [("ours", "assoc_scan")] + [(name, "mamba_ssm") for name in names if name.startswith(("ours", "triton"))]
-  lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus)", "",
+  lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus); per call, median of "
+           f"{_ITERS.value} samples of {_BACK_TO_BACK.value} back-to-back calls each", "",
            "| dtype, L | " + " | ".join(names) + " | floor (fwd) | "
            + " | ".join(f"{mine} / {peer}" for mine, peer in pairs) + " |",
            "|---" * (len(names) + 2 + len(pairs)) + "|"]

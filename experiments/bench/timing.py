@@ -11,19 +11,25 @@ from collections.abc import Callable, Sequence
 import jax
 
 
-def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, iters: int = 20) -> float:
+def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, iters: int = 20,
+              back_to_back: int = 1, sync: Callable = jax.block_until_ready) -> float:
   """Median wall time in ms of fn(*inputs), rotating over several input sets so caches do not flatter it.
 
-  Each call is synchronised (block_until_ready) before the clock stops.
+  Each sample times `back_to_back` consecutive calls and synchronises (`sync` on the last result) before the clock
+  stops, then divides by their number. With 1 every call pays the host's dispatch cost in full; with several the
+  host enqueues the next call while the device runs the last one, so for device-bound ops the sample is device
+  time per call (how the op runs inside a larger program), whatever the framework's per-call overhead.
   """
   for i in range(warmup):
-    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-  times = []
-  for i in range(iters):
-    args = input_sets[i % len(input_sets)]
+    sync(fn(*input_sets[i % len(input_sets)]))
+  times, calls = [], 0
+  for _ in range(iters):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    for _ in range(back_to_back):
+      result = fn(*input_sets[calls % len(input_sets)])
+      calls += 1
+    sync(result)
+    times.append((time.perf_counter() - start) * 1e3 / back_to_back)
   return statistics.median(times)
 
 

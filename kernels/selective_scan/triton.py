@@ -278,9 +278,6 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
     h = tl.zeros((NP, BD), tl.float32)
   ll = tl.arange(0, LC)
   state_tile = nn[:, None] + dd[None, :] * N  # [NP, BD] offsets of this block in one [Dm, N] state
-  if SAVE_STATES:
-    if CK != LC:
-      tl.store(states_ptr + state_tile, h, mask=state_mask)
   if PREFETCH:
     # Triton's pipeliner leaves these loads alone (no cp.async in the compiled loop), so each chunk would wait a
     # full memory latency for its inputs with only ~3 warps per scheduler (1536 one-warp programs) to cover it;
@@ -291,9 +288,9 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
       z_next = _load_rows(z_ptr, first_offsets, first_mask)
   for i in range(0, NC):
     if SAVE_STATES:
-      if CK == LC:
-        # Checkpoints at chunk starts: the carry is the checkpoint.
-        tl.store(states_ptr + i * (DM * N) + state_tile, h, mask=state_mask)
+      # A chunk that starts on a checkpoint (every chunk when CK <= LC) stores its carry there.
+      if (i * LC) % CK == 0:
+        tl.store(states_ptr + (i * LC // CK) * (DM * N) + state_tile, h, mask=state_mask)
     t = i * LC + ll
     offsets, mask, _bc_offsets, _bc_mask = _chunk_offsets(t, dd, nn, L, DM, G, N)
     if PREFETCH:
@@ -317,13 +314,14 @@ def _forward_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, 
       y = y * z * _sigmoid(z)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE_STATES:
-      if CK != LC:
-        # The state after token t is checkpoint (t + 1) / CK when CK divides t + 1 (and t + 1 < L): checkpoints
-        # that do not fall on chunk starts, written by a masked store of the per-token states.
-        after = t + 1
-        keep = ((after % CK) == 0) & (after < L)
-        tl.store(states_ptr + (after // CK)[:, None, None] * (DM * N) + state_tile[None, :, :], states,
-                 mask=keep[:, None, None] & state_mask[None, :, :])
+      if CK < LC:
+        # Checkpoints inside the chunk: the state after its token j CK - 1 is checkpoint i LC / CK + j. Picked out
+        # in registers (tokens are per thread) and stored as one [NP, BD] state each, where a masked store of every
+        # token's state cost a predicated store and its address per element (the forward with checkpoints took
+        # 1.24 ms against 0.97 without, on an H200 at the former default tiles).
+        for j in tl.static_range(1, LC // CK):
+          tl.store(states_ptr + (i * (LC // CK) + j) * (DM * N) + state_tile, _row(states, j * CK - 1, LC),
+                   mask=state_mask & (i * LC + j * CK < L))
     h = _row(states, LC - 1, LC)
   tl.store(final_ptr + state_offsets, h, mask=state_mask)
 

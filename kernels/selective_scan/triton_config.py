@@ -6,21 +6,21 @@ build and validate `BlockSizes` on any machine, and only a GPU run imports the k
 
 import dataclasses
 
-# State elements (padded N x block_d) per token of a forward tile in the defaults: 64, so a [chunk, N, block_d]
-# tile holds 1K fp32 values at chunk = 16, 32 registers per thread per live tile at 1 warp.
-_DEFAULT_STATE_ELEMENTS = 64
-# The backward's: 128 (block_d_bwd = 8 at N = 16) with chunk_bwd = 8 and 1 warp, also 32 values per thread per
-# tile. Triton spreads a tile's channels over lanes first and the states over the rest, so the tile shape decides
-# the cost of the sums over channels (dB, dC) and over states (y, dx, d(delta)). Compiled for sm_90 (B=4,
-# L=8K, Dm=1536, N=16, per tile element): 7.6 shuffles, 2.4 shared-memory accesses, 28 FP32 instructions, 254
-# registers, no spills (bf16 too, its loads widened in their own layout), against 11.2 / 6.6 / 36.8 and 255
-# registers (bf16: 188 bytes of spills) for the former 16 channels x 16 tokens over 4 warps, whose state sums
-# crossed warps through shared memory. Wider blocks on 2-8 warps or 16 tokens need 9-15 shuffles or spill; 4
-# tokens or 4 channels cut registers (150-170) but double the checkpoints or the dB/dC partials
-# ([B, L, Dm / block_d_bwd, N] fp32).
-# Not yet timed: its 768 one-warp programs (B=4, Dm=1536) all fit on the GPU at once (8 per SM at 254
-# registers), but that is half the former's warps, about 1.5 per scheduler.
-_DEFAULT_STATE_ELEMENTS_BWD = 128
+# State elements (padded N x block_d) per token of a forward tile in the defaults: 128, so a [chunk, N, block_d]
+# tile at chunk = 16 holds 2K fp32 values, 64 per thread at 1 warp. Profiled on an H200 (ncu, B=4, L=8K,
+# Dm=1536, N=16, bf16), the former 64 (block_d = 4) was bound by the L1/shared-memory pipe (86% busy): Triton spreads
+# a tile's channels over lanes first and the states over the rest, so at 4 channels the sum over N for y crossed 8
+# lanes (1.5 shuffles per tile element) and each token's 4-channel rows were 8-byte loads (3.3 L1 operations per
+# element in all). At 8 channels the sum crosses 4 lanes and the rows are 16-byte loads: 1.8 L1 operations per
+# element, 168 registers, half the programs (768 one-warp programs, all resident), and the forward took 0.97 ms
+# against 1.24-1.31 in the same run (benchmarks/results/selective_scan_tiles.md).
+_DEFAULT_STATE_ELEMENTS = 128
+# The backward's: 64 (block_d_bwd = 4 at N = 16) with chunk_bwd = 8 and 1 warp, 16 values per thread per tile, 157
+# registers, 1536 programs. Its wider tiles leave fewer warps to hide latency behind (the former 128, block_d_bwd
+# = 8, compiled to 254 registers for its 768 programs, 1.5 warps per scheduler) and the L1 pipe was 79% busy either
+# way; a narrower block doubles the dB/dC partials ([B, L, Dm / block_d_bwd, N] fp32), which `atomic_bc` avoids.
+# Timed on an H200 in the same runs: benchmarks/results/selective_scan_tiles.md.
+_DEFAULT_STATE_ELEMENTS_BWD = 64
 
 
 def _power_of_two(value) -> bool:
@@ -37,17 +37,18 @@ class BlockSizes:
   tokens, so the two chunk lengths are independent.
   """
 
-  block_d: int = 4  # channels per forward program: B * Dm / block_d programs (1536 at B=4, Dm=1536)
+  block_d: int = 8  # channels per forward program: B * Dm / block_d programs (768 at B=4, Dm=1536)
   chunk: int = 16  # tokens per forward tile (scanned in parallel)
   num_warps: int = 1
   num_stages: int = 2  # software pipelining of the chunk loop's loads (1: none)
   # The forward loads the next chunk's inputs before scanning the current one (registers carry them), where the
-  # pipeliner that num_stages drives leaves these loads unpipelined. Costs registers: 112 -> 144 at the defaults.
+  # pipeliner that num_stages drives leaves these loads unpipelined. Measured at the former tiles (block_d = 4:
+  # 1.62 -> 1.13 ms bf16, commit 8c7c45e); at the current ones it costs no registers (168 either way).
   prefetch: bool = True
   # Backward: more live tiles (states, decays, the reverse scan and the state cotangents), and dB/dC are written
   # as one fp32 partial per program and channel block ([B, L, Dm / block_d_bwd, N]), so a wider block_d halves
   # that traffic; chunk_bwd is also the checkpoint interval ([B, ceil(L / chunk_bwd), Dm, N] fp32 saved states).
-  block_d_bwd: int = 8
+  block_d_bwd: int = 4
   chunk_bwd: int = 8
   num_warps_bwd: int = 1
   # dB/dC by fp32 atomic adds into one [B, L, G, N] buffer instead of the deterministic per-block partials (not
@@ -56,13 +57,13 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, padded_state_size: int = 16) -> "BlockSizes":
-    """The field defaults, chosen for B=4, L=8K, Dm=1536, N=16 on an H200 (1536 forward programs; tiles picked
-    by compiling for sm_90 and counting registers, shuffles and shared-memory traffic per element; the forward's
-    also by timing), with block_d scaled so that block_d x N stays at 64 (forward) and 128 (backward) state
-    elements for other N (a power of two). Prefetching only up to N = 16: its carried B/C rows grow with N (at
-    N = 64 the forward compiled to 255 registers instead of 165, half the warps per SM), and larger N means more,
-    narrower programs that hide load latency by occupancy. `experiments/bench/selective_scan.py --triton_blocks`
-    times alternatives."""
+    """The field defaults, chosen for B=4, L=8K, Dm=1536, N=16 on an H200 (768 forward and 1536 backward
+    programs; tiles compiled for sm_90 to count registers and the L1 operations per element, profiled with ncu
+    and timed), with block_d scaled so that block_d x N stays at 128 (forward) and 64 (backward) state elements
+    for other N (a power of two). Prefetching only up to N = 16: its carried B/C rows grow with N (at N = 64 the
+    former forward tiles compiled to 255 registers instead of 165, half the warps per SM), and larger N means
+    more, narrower programs that hide load latency by occupancy. `experiments/bench/selective_scan.py
+    --triton_blocks` times alternatives."""
     return cls(block_d=max(1, _DEFAULT_STATE_ELEMENTS // padded_state_size),
                block_d_bwd=max(1, _DEFAULT_STATE_ELEMENTS_BWD // padded_state_size),
                prefetch=padded_state_size <= 16)
