@@ -17,8 +17,9 @@ from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, triton_con
 # (where the TPU kernels take the group layout), the reference elsewhere.
 IMPLEMENTATIONS = ("xla", "pallas", "triton", "auto")
 # Why "auto" prefers the Triton kernels on GPU: experiments/bench/selective_scan.py on one H200 (B=4, L=8K,
-# Dm=1536, N=16, commit 8c7c45e, benchmarks/results/selective_scan_triton.md), ms fwd / fwd+bwd: fp32 triton
-# 1.19 / 5.22 vs pallas 2.54 / 16.84; bf16 triton 1.13 / 5.17 vs pallas 2.59 / 15.16 (GPU tests: 6 passed).
+# Dm=1536, N=16), ms fwd / fwd+bwd: at commit 8c7c45e (benchmarks/results/selective_scan_triton.md of that commit)
+# fp32 triton 1.19 / 5.22 vs pallas 2.54 / 16.84, bf16 1.13 / 5.17 vs 2.59 / 15.16; the Triton tiles have been
+# retuned since (commit 0653aaa: bf16 0.81 / 4.15 against mamba_ssm's 1.00 / 4.59, GPU tests: 6 passed).
 _TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK_SIZE = 64
 
