@@ -30,7 +30,10 @@ _MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
     "bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq each (e.g. 64:64:64:128:3:3, see mosaic_gpu_bwd.BlockSizes); "
     "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls) and a row 'mosaic[bwd=...]' with the "
     "Mosaic forward (timed when 'mosaic' is).")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
+_BACK_TO_BACK = flags.DEFINE_integer(
+    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
+    "samples are device time per call; 1 times every call with its dispatch.")
 _TOKENS = 16384
 _WIDTH = 2048
 
@@ -84,19 +87,20 @@ def _input_sets(b, t, h, d, count=3):
   return sets
 
 
-def _measure(attention, causal, inputs, iters):
+def _measure(attention, causal, inputs, iters, back_to_back):
   fwd = jax.jit(lambda q, k, v, do: attention(q, k, v, causal))
 
   def loss(q, k, v, do):
     return jnp.sum(attention(q, k, v, causal).astype(jnp.float32) * do.astype(jnp.float32))
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return median_ms(fwd, inputs, iters=iters), median_ms(fwd_bwd, inputs, iters=iters)
+  return (median_ms(fwd, inputs, iters=iters, back_to_back=back_to_back),
+          median_ms(fwd_bwd, inputs, iters=iters, back_to_back=back_to_back))
 
 
 def main(argv):
   del argv
-  env = environment()
+  env = environment() | {"back_to_back": _BACK_TO_BACK.value}
   peers = {name: fn for name, fn in _peers().items() if name.split("[")[0] in _IMPLS.value}
   rows = []
   for d in map(int, _HEAD_DIMS.value):
@@ -108,7 +112,7 @@ def main(argv):
         for name, attention in peers.items():
           row = dict(impl=name, T=t, D=d, causal=causal, B=b, H=h)
           try:
-            fwd_ms, fwd_bwd_ms = _measure(attention, causal, inputs, _ITERS.value)
+            fwd_ms, fwd_bwd_ms = _measure(attention, causal, inputs, _ITERS.value, _BACK_TO_BACK.value)
             row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
                        fwd_bwd_tflops=3.5 * flops / fwd_bwd_ms / 1e9)
           except Exception as e:  # a peer that cannot run a row (OOM, unsupported) is reported, not fatal
@@ -121,7 +125,8 @@ def main(argv):
 
 
 def _table(rows, names):
-  lines = ["TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048)", "",
+  lines = [f"TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048); median of {_ITERS.value} samples of "
+           f"{_BACK_TO_BACK.value} back-to-back calls each", "",
            "| T, D, causal | " + " | ".join(names) + " | ours / cuDNN | mosaic / cuDNN | mosaic_bwd / cuDNN |",
            "|---" * (len(names) + 4) + "|"]
   keys = sorted({(r["D"], r["T"], r["causal"]) for r in rows})
