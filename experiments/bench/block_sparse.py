@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import dataclasses  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -35,7 +34,11 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "16384", "32768"], "Sequence 
 _PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "sliding-4096", "bigbird"],
                               "Sparse patterns to time.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "flex"], "Sparse implementations to time (besides dense flash).")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
+_BACK_TO_BACK = flags.DEFINE_integer(
+    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
+    "samples are device time per call, which matters for the sub-millisecond sparse rows; 1 times every call with "
+    "its dispatch.")
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
 _BLOCKS = flags.DEFINE_list(
     "blocks", [], "Overrides of our kernels' tiles and launch parameters, field=value each (fields of "
@@ -84,7 +87,8 @@ def _measure_jax(attention, inputs, iters):
     return jnp.sum(attention(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
   fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return median_ms(fwd, inputs, iters=iters), median_ms(fwd_bwd, inputs, iters=iters)
+  return (median_ms(fwd, inputs, iters=iters, back_to_back=_BACK_TO_BACK.value),
+          median_ms(fwd_bwd, inputs, iters=iters, back_to_back=_BACK_TO_BACK.value))
 
 
 def _flex():
@@ -125,16 +129,8 @@ def _measure_flex(flex, pattern, t, iters):
     attention(q, k, v, block_mask=block_mask).backward(do)
 
   def median(fn):
-    for i in range(3):
-      fn(*sets[i % 2])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-      start = time.perf_counter()
-      fn(*sets[i % 2])
-      torch.cuda.synchronize()
-      times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, sets, iters=iters, back_to_back=_BACK_TO_BACK.value,
+                     sync=lambda _: torch.cuda.synchronize())
 
   return median(fwd), median(fwd_bwd)
 
@@ -161,6 +157,7 @@ def main(argv):
   blocks = kernel_blocks(_BLOCKS.value)
   env = environment()
   env["blocks"] = dataclasses.asdict(blocks)
+  env["back_to_back"] = _BACK_TO_BACK.value
   flex = _flex() if "flex" in _IMPLS.value else None
   rows, pattern_flops = [], {}
   for t in map(int, _SEQ_LENS.value):
@@ -193,7 +190,8 @@ def main(argv):
 
 def _table(rows):
   overrides = f", our kernel tiles with {', '.join(_BLOCKS.value)}" if _BLOCKS.value else ""
-  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd; ours: "
+  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd per call (median of "
+           f"{_ITERS.value} samples of {_BACK_TO_BACK.value} back-to-back calls); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
            "| T | pattern | ours ms | ours TFLOP/s (pairs) | ours TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",

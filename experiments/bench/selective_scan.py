@@ -25,8 +25,6 @@ if any(arg.startswith("--mamba_ssm_src") for arg in sys.argv):
   # torch allocates beside JAX in this process; without this JAX preallocates 75% of the GPU first.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
-import statistics  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 
 import jax  # noqa: E402
