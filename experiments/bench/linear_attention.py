@@ -16,8 +16,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 import dataclasses  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,7 +38,10 @@ _TILES = flags.DEFINE_list(
 _BATCH = flags.DEFINE_integer("batch", 4, "B.")
 _HEADS = flags.DEFINE_integer("heads", 16, "H.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "K = V.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement (median reported).")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
+_BACK_TO_BACK = flags.DEFINE_integer(
+    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
+    "samples are device time per call for JAX and PyTorch alike; 1 times every call with its dispatch.")
 
 
 def _jax_impls(decay_kind: str) -> dict:
@@ -92,7 +93,8 @@ def _measure_jax(attention, inputs, iters):
   fwd_bwd = jax.jit(jax.grad(loss, argnums=argnums)).lower(*inputs[0]).compile()
   memory = fwd_bwd.memory_analysis()
   peak_mb = None if memory is None else memory.temp_size_in_bytes / 2**20
-  return median_ms(fwd, inputs, iters=iters), median_ms(fwd_bwd, inputs, iters=iters), peak_mb
+  timed = lambda fn: median_ms(fn, inputs, iters=iters, back_to_back=_BACK_TO_BACK.value)
+  return timed(fwd), timed(fwd_bwd), peak_mb
 
 
 def _fla_op(decay_kind: str):
@@ -110,18 +112,9 @@ def _fla_op(decay_kind: str):
   return lambda q, k, v, g: chunk_gla(q, k, v, g=g, scale=1.0)[0]
 
 
-def _torch_median_ms(torch, fn, input_sets, *, warmup=3, iters=20):
-  for i in range(warmup):
-    fn(*input_sets[i % len(input_sets)])
-  torch.cuda.synchronize()
-  times = []
-  for i in range(iters):
-    args = input_sets[i % len(input_sets)]
-    start = time.perf_counter()
-    fn(*args)
-    torch.cuda.synchronize()
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+def _torch_median_ms(torch, fn, input_sets, *, iters):
+  return median_ms(fn, input_sets, iters=iters, back_to_back=_BACK_TO_BACK.value,
+                   sync=lambda _: torch.cuda.synchronize())
 
 
 def _measure_fla(decay_kind, b, t, h, d, iters):
@@ -162,7 +155,7 @@ def _measure_fla(decay_kind, b, t, h, d, iters):
 
 def main(argv):
   del argv
-  env = environment()
+  env = environment() | {"back_to_back": _BACK_TO_BACK.value}
   b, h, d = _BATCH.value, _HEADS.value, _HEAD_DIM.value
   rows = []
   for decay_kind in _DECAYS.value:
@@ -195,7 +188,8 @@ def main(argv):
 def _table(rows):
   names = list(dict.fromkeys(r["impl"] for r in rows))
   lines = [f"ms fwd / fwd+bwd (bf16, B={rows[0]['B']}, H={rows[0]['H']}, K=V={rows[0]['D']}); "
-           "peak MB of the fwd+bwd in brackets", "",
+           f"peak MB of the fwd+bwd in brackets; per call, median of {_ITERS.value} samples of "
+           f"{_BACK_TO_BACK.value} back-to-back calls each", "",
            "| decay, T | " + " | ".join(names) + " | ours / fla |", "|---" * (len(names) + 2) + "|"]
   for decay, t in dict.fromkeys((r["decay"], r["T"]) for r in rows):
     by_name = {r["impl"]: r for r in rows if (r["decay"], r["T"]) == (decay, t)}
