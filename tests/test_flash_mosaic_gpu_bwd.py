@@ -62,6 +62,13 @@ def test_interpret_deferred_release():
   _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
 
 
+def test_interpret_await_dv():
+  """await_dv waits for the dV product before forming dS^T: same gradients (causal GQA, empty rows)."""
+  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:2:2:0:1")
+  assert blocks.await_dv and not blocks.defer_release
+  _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
+
+
 def test_lowers_for_hopper_on_cpu():
   """Lowering to Mosaic GPU (layouts, wgmma shapes, the SMEM budget) runs on the host, so CI catches breakage
   of the compiled path too; only PTX compilation and the run itself need the GPU."""
@@ -88,7 +95,7 @@ def test_supports_and_rejections():
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="window"):
     flash_attention(q, q, q, window=(8, 0), impl="mosaic_bwd")
-  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x"):
+  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x", "64:64:64:64:3:3:0:2", "64:64:64:64:3:3:0:1:1"):
     with pytest.raises(ValueError, match="spec"):
       mosaic_gpu_bwd.BlockSizes.parse(spec)
 
@@ -110,7 +117,7 @@ def test_gpu_causal_unequal_lengths(t, s):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,d", [("64:64:64:128:3:2", 128), ("64:64:64:64:2:3", 64), ("128:64:64:64:2:2", 128),
                                     ("64:64:64:64:3:3:1", 128), ("64:64:64:128:3:2:1", 128),
-                                    ("64:64:64:128:3:3:1", 64)])
+                                    ("64:64:64:128:3:3:1", 64), ("64:64:64:64:3:3:0:1", 128)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_tile_configs(spec, d, causal):
   """The configurations the benchmark sweep tries compile and give the same gradients."""

@@ -51,6 +51,11 @@ class BlockSizes:
   # an H200 (T=8K/16K, D=128, fwd+bwd 404-434 against 462-483 TFLOP/s, benchmarks/results/
   # flash_attention_mosaic_bwd_defer.md), so off; kept as a sweep option.
   defer_release: bool = False
+  # dk/dv kernel: await the dV product (and with it its bf16 P^T register operand) before forming dS^T, instead
+  # of overlapping dS^T with it. At the defaults (D=128) ptxas spills 12 bytes in that kernel
+  # (MOSAIC_GPU_DUMP_PTXAS=1, commit d86eea2) with P^T, dP^T, delta and the dK/dV accumulators live at once;
+  # this frees P^T's 16 registers a thread there. Not yet timed, so off.
+  await_dv: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
@@ -74,18 +79,20 @@ class BlockSizes:
 
   @classmethod
   def parse(cls, spec: str) -> "BlockSizes":
-    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer]' (compute_wgs stays 2; defer is 0 or 1, the
-    `defer_release` flag), for benchmark sweeps."""
-    usage = f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or :1"
+    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv]]' (compute_wgs stays 2; defer and
+    await_dv are 0 or 1, the `defer_release` and `await_dv` flags), for benchmark sweeps."""
+    usage = (f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or "
+             ":1 (defer_release) and :0 or :1 (await_dv)")
     try:
       fields = [int(x) for x in spec.split(":")]
     except ValueError:
       raise ValueError(usage) from None
-    if len(fields) not in (6, 7) or (len(fields) == 7 and fields[6] not in (0, 1)):
+    if len(fields) not in (6, 7, 8) or any(flag not in (0, 1) for flag in fields[6:]):
       raise ValueError(usage)
     bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields[:6]
+    defer, await_dv = (fields[6:] + [0, 0])[:2]
     return cls(block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
-               num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=len(fields) == 7 and fields[6] == 1)
+               num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=defer == 1, await_dv=await_dv == 1)
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, window=None, kv_lengths=None,
@@ -271,7 +278,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
           q_idx = i * bq + _iota((bk, bq), 1)
           p_t = jnp.where(q_idx + st.offset >= k_idx, p_t, 0.0)
         plgpu.wgmma(dv_ref, _lhs(p_t.astype(st.dtype), p_stage), do_tile)
-        dp_t = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=1)
+        # In flight: dP^T, then dV. Waiting down to one group awaits dP^T; down to none awaits dV too.
+        dp_t = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=0 if blocks.await_dv else 1)
         plgpu.barrier_wait(delta_bar.at[slot])
         delta = _col_vector(delta_smem.at[slot])
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
