@@ -52,9 +52,10 @@ class BlockSizes:
   # flash_attention_mosaic_bwd_defer.md), so off; kept as a sweep option.
   defer_release: bool = False
   # dk/dv kernel: await the dV product (and with it its bf16 P^T register operand) before forming dS^T, instead
-  # of overlapping dS^T with it. At the defaults (D=128) ptxas spills 12 bytes in that kernel
-  # (MOSAIC_GPU_DUMP_PTXAS=1, commit d86eea2) with P^T, dP^T, delta and the dK/dV accumulators live at once;
-  # this frees P^T's 16 registers a thread there. Not yet timed, so off.
+  # of overlapping dS^T with it. At the defaults (D=128) ptxas reports a 12-byte spill in one backward kernel
+  # (MOSAIC_GPU_DUMP_PTXAS=1, commit d86eea2), and under ncu only the dk/dv kernel reads memory through L1 (95%
+  # hits): there P^T, dP^T, delta and the dK/dV accumulators are live at once, and this frees P^T's 16 registers
+  # a thread. Not yet timed, so off.
   await_dv: bool = False
 
   @classmethod
