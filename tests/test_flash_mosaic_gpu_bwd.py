@@ -54,18 +54,12 @@ def _with_blocks(blocks, causal, d):
   return attention
 
 
-def test_interpret_deferred_release():
-  """defer_release frees each ring slot one step late (and the last one after the loops): same gradients,
-  here over two query heads per kv head, masked and unmasked tiles and rows with nothing to attend."""
-  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:2:2:1")
-  assert blocks.defer_release
-  _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
-
-
-def test_interpret_await_dv():
-  """await_dv waits for the dV product before forming dS^T: same gradients (causal GQA, empty rows)."""
-  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:2:2:0:1")
-  assert blocks.await_dv and not blocks.defer_release
+def test_interpret_deferred_release_and_await_dv():
+  """defer_release frees each ring slot one step late (and the last one after the loops); await_dv waits for the
+  dV product before forming dS^T. Same gradients, here over two query heads per kv head, masked and unmasked
+  tiles and rows with nothing to attend. One interpret run covers both options (their code paths are separate)."""
+  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:2:2:1:1")
+  assert blocks.defer_release and blocks.await_dv
   _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
 
 
