@@ -22,7 +22,9 @@ A sweep split over several GPUs or time-limited calls comes together with --merg
 scaling.json files (same model and lengths) are taken as measured, only the other variants run, and the table
 and plot cover all of them, e.g. `--merge_from=run0/scaling.json,run1/scaling.json` with nothing left to run
 just merges. With --longest_bisect too, merged variants that have no search yet are searched (compile only), so
-the longest-T column can be added to an earlier sweep without timing it again.
+the longest-T column can be added to an earlier sweep without timing it again. --remeasure=NAME drops NAME's
+rows from the merged files, so one variant of a finished table is measured (and searched) again, e.g. after a
+change to its kernels.
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,8 @@ def define_flags() -> None:
                      "allocator limit; CPU devices report none, so tests set one).")
   flags.DEFINE_list("merge_from", [], "Earlier scaling.json files whose variants are taken as measured "
                     "(same model and lengths); only the other variants run.")
+  flags.DEFINE_list("remeasure", [], "Variants of this run whose rows in the --merge_from files are dropped, so "
+                    "they are measured again.")
   flags.DEFINE_multi_string(
       "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
 
@@ -340,9 +344,12 @@ def plot(rows: list[Row], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[list[Row], dict | None]:
-  """Rows of earlier runs (scaling.json files) and the environment they ran in; the files must describe the
-  same model, lengths and device, or their numbers would not belong in one table."""
+def load_measured(paths: list[str], model: str, lengths: list[int],
+                  drop: Iterable[str] = ()) -> tuple[list[Row], dict | None]:
+  """Rows of earlier runs (scaling.json files), less those of the variants in `drop`, and the environment they
+  ran in; the files must describe the same model, lengths and device, or their numbers would not belong in one
+  table."""
+  drop = set(drop)
   rows: list[Row] = []
   env = None
   for path in paths:
@@ -357,8 +364,18 @@ def load_measured(paths: list[str], model: str, lengths: list[int]) -> tuple[lis
     # A (variant, length) already read is kept as first read: files that each extend one earlier sweep (say, one
     # variant's longest-T search per GPU) all repeat that sweep's rows.
     known = {(row.variant, row.seq_len) for row in rows}
-    rows.extend(Row(**r) for r in saved["rows"] if (r["variant"], r["seq_len"]) not in known)
+    rows.extend(Row(**r) for r in saved["rows"]
+                if (r["variant"], r["seq_len"]) not in known and r["variant"] not in drop)
   return rows, env
+
+
+def checked_remeasure(remeasure: list[str], names: list[str]) -> list[str]:
+  """--remeasure entries, each one of the variants this run measures (else its rows would silently vanish)."""
+  for name in remeasure:
+    if name not in names:
+      raise app.UsageError(f"--remeasure entry {name!r} is not valid; it must be one of this run's variants "
+                           f"({', '.join(names)})")
+  return remeasure
 
 
 def main(argv):
@@ -376,7 +393,8 @@ def main(argv):
                    batch_size=FLAGS.batch_size, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype)
   on_gpu = jax.default_backend() == "gpu"
   try:
-    rows, merged_env = load_measured(FLAGS.merge_from, size.describe(), lengths)
+    rows, merged_env = load_measured(FLAGS.merge_from, size.describe(), lengths,
+                                     drop=checked_remeasure(FLAGS.remeasure, names))
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   measured = {row.variant for row in rows}

@@ -80,6 +80,19 @@ def test_merge_refuses_rows_of_another_model(tmp_path):
     scaling.load_measured([str(path)], "width 32", [16, 32])
 
 
+def test_remeasure_drops_a_variants_merged_rows_and_must_name_one_of_this_runs_variants(tmp_path):
+  path = tmp_path / "scaling.json"
+  row = lambda variant: {"variant": variant, "seq_len": 16, "status": "ok", "step_ms": 1.0, "tokens_per_s": 1.0,
+                         "memory_gib": 0.1}
+  path.write_text(json.dumps({"environment": {"device": "cpu", "model": "width 64"},
+                              "rows": [row("full"), row("performer")]}))
+  rows, _ = scaling.load_measured([str(path)], "width 64", [16], drop=scaling.checked_remeasure(
+      ["performer"], ["full", "performer"]))
+  assert [r.variant for r in rows] == ["full"]
+  with pytest.raises(scaling.app.UsageError, match="--remeasure entry 'mamba' is not valid.*full, performer"):
+    scaling.checked_remeasure(["mamba"], ["full", "performer"])
+
+
 def test_longest_search_doubles_then_bisects_by_compiled_memory():
   ok = lambda t: scaling.Row("linear", t, "ok", step_ms=1.0, tokens_per_s=1.0, memory_gib=0.1)
   memory = lambda t: t / 1024 * 0.1  # GiB: 5 GiB fits up to 51.2K tokens
