@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments.bench import timing  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.block_sparse import bigbird, block_sparse_attention, local  # noqa: E402
 from kernels.block_sparse.mask import bigbird_block_layout  # noqa: E402
@@ -35,10 +36,7 @@ _PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "slidi
                               "Sparse patterns to time.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "flex"], "Sparse implementations to time (besides dense flash).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
-_BACK_TO_BACK = flags.DEFINE_integer(
-    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
-    "samples are device time per call, which matters for the sub-millisecond sparse rows; 1 times every call with "
-    "its dispatch.")
+_BACK_TO_BACK = timing.define_back_to_back_flag()
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
 _BLOCKS = flags.DEFINE_list(
     "blocks", [], "Overrides of our kernels' tiles and launch parameters, field=value each (fields of "
@@ -128,10 +126,7 @@ def _measure_flex(flex, pattern, t, iters):
   def fwd_bwd(q, k, v, do):
     attention(q, k, v, block_mask=block_mask).backward(do)
 
-  def median(fn):
-    return median_ms(fn, sets, iters=iters, back_to_back=_BACK_TO_BACK.value,
-                     sync=lambda _: torch.cuda.synchronize())
-
+  median = lambda fn: timing.torch_median_ms(torch, fn, sets, iters=iters, back_to_back=_BACK_TO_BACK.value)
   return median(fwd), median(fwd_bwd)
 
 
@@ -190,8 +185,8 @@ def main(argv):
 
 def _table(rows):
   overrides = f", our kernel tiles with {', '.join(_BLOCKS.value)}" if _BLOCKS.value else ""
-  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd per call (median of "
-           f"{_ITERS.value} samples of {_BACK_TO_BACK.value} back-to-back calls); ours: "
+  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd "
+           f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
            "| T | pattern | ours ms | ours TFLOP/s (pairs) | ours TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.bench import timing
 from experiments.bench.timing import environment, median_ms, write_results
 from kernels.flash_attention import flash_attention, mosaic_gpu, mosaic_gpu_bwd
 from kernels.flash_attention.api import _mosaic_attention, _mosaic_bwd_attention
@@ -31,9 +32,7 @@ _MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
     "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls) and a row 'mosaic[bwd=...]' with the "
     "Mosaic forward (timed when 'mosaic' is).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
-_BACK_TO_BACK = flags.DEFINE_integer(
-    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
-    "samples are device time per call; 1 times every call with its dispatch.")
+_BACK_TO_BACK = timing.define_back_to_back_flag()
 _TOKENS = 16384
 _WIDTH = 2048
 
@@ -125,8 +124,8 @@ def main(argv):
 
 
 def _table(rows, names):
-  lines = [f"TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048); median of {_ITERS.value} samples of "
-           f"{_BACK_TO_BACK.value} back-to-back calls each", "",
+  lines = [f"TFLOP/s fwd / fwd+bwd (bf16, B*T = 16K, H*D = 2048); "
+           f"{timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}", "",
            "| T, D, causal | " + " | ".join(names) + " | ours / cuDNN | mosaic / cuDNN | mosaic_bwd / cuDNN |",
            "|---" * (len(names) + 4) + "|"]
   keys = sorted({(r["D"], r["T"], r["causal"]) for r in rows})

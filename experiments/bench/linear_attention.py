@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments.bench import timing  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.linear_attention import linear_attention  # noqa: E402
 from kernels.linear_attention.pallas_gpu import BlockSizes  # noqa: E402
@@ -39,9 +40,7 @@ _BATCH = flags.DEFINE_integer("batch", 4, "B.")
 _HEADS = flags.DEFINE_integer("heads", 16, "H.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "K = V.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
-_BACK_TO_BACK = flags.DEFINE_integer(
-    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
-    "samples are device time per call for JAX and PyTorch alike; 1 times every call with its dispatch.")
+_BACK_TO_BACK = timing.define_back_to_back_flag()
 
 
 def _jax_impls(decay_kind: str) -> dict:
@@ -112,11 +111,6 @@ def _fla_op(decay_kind: str):
   return lambda q, k, v, g: chunk_gla(q, k, v, g=g, scale=1.0)[0]
 
 
-def _torch_median_ms(torch, fn, input_sets, *, iters):
-  return median_ms(fn, input_sets, iters=iters, back_to_back=_BACK_TO_BACK.value,
-                   sync=lambda _: torch.cuda.synchronize())
-
-
 def _measure_fla(decay_kind, b, t, h, d, iters):
   import torch
 
@@ -142,11 +136,11 @@ def _measure_fla(decay_kind, b, t, h, d, iters):
     grads = torch.autograd.grad(op(q, k, v, g), leaves, grad_outputs=do)
     del grads
 
-  fwd_ms = _torch_median_ms(torch, fwd, sets, iters=iters)
+  fwd_ms = timing.torch_median_ms(torch, fwd, sets, iters=iters, back_to_back=_BACK_TO_BACK.value)
   torch.cuda.synchronize()
   base = torch.cuda.memory_allocated()
   torch.cuda.reset_peak_memory_stats()
-  fwd_bwd_ms = _torch_median_ms(torch, fwd_bwd, sets, iters=iters)
+  fwd_bwd_ms = timing.torch_median_ms(torch, fwd_bwd, sets, iters=iters, back_to_back=_BACK_TO_BACK.value)
   peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
   del sets
   torch.cuda.empty_cache()
@@ -188,8 +182,8 @@ def main(argv):
 def _table(rows):
   names = list(dict.fromkeys(r["impl"] for r in rows))
   lines = [f"ms fwd / fwd+bwd (bf16, B={rows[0]['B']}, H={rows[0]['H']}, K=V={rows[0]['D']}); "
-           f"peak MB of the fwd+bwd in brackets; per call, median of {_ITERS.value} samples of "
-           f"{_BACK_TO_BACK.value} back-to-back calls each", "",
+           f"peak MB of the fwd+bwd in brackets; "
+           f"{timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}", "",
            "| decay, T | " + " | ".join(names) + " | ours / fla |", "|---" * (len(names) + 2) + "|"]
   for decay, t in dict.fromkeys((r["decay"], r["T"]) for r in rows):
     by_name = {r["impl"]: r for r in rows if (r["decay"], r["T"]) == (decay, t)}

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments.bench import timing  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.selective_scan import selective_scan  # noqa: E402
 from kernels.selective_scan.pallas_gpu import BlockSizes  # noqa: E402
@@ -42,9 +43,7 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Dtypes of x, dt,
 _IMPLS = flags.DEFINE_list("impls", ["ours", "triton", "xla", "assoc_scan", "mamba_ssm"],
                            "Implementations to time.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
-_BACK_TO_BACK = flags.DEFINE_integer(
-    "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
-    "samples are device time per call for JAX and PyTorch alike; 1 times every call with its dispatch.")
+_BACK_TO_BACK = timing.define_back_to_back_flag()
 _SEGMENTS = flags.DEFINE_list("segments", [], "Also time ours with BlockSizes(segment=S) for each S, as rows "
                                "ours[seg=S], e.g. 256,512,1024; S:field=value:... sets other BlockSizes fields.")
 _TRITON_BLOCKS = flags.DEFINE_list("triton_blocks", [], "Also time impl='triton' with these tiles, as rows "
@@ -214,10 +213,8 @@ class _MambaSsm:
       out, x, *rest = m.fwd(u, delta, a, b, c, d, z, bias, True)
       return m.bwd(u, delta, a, b, c, d, z, bias, dout, x, out, None, True, False)
 
-    return self._median(fwd, iters, back_to_back), self._median(fwd_bwd, iters, back_to_back)
-
-  def _median(self, fn, iters, back_to_back):
-    return median_ms(fn, [()], iters=iters, back_to_back=back_to_back, sync=lambda _: self.torch.cuda.synchronize())
+    median = lambda fn: timing.torch_median_ms(torch, fn, [()], iters=iters, back_to_back=back_to_back)
+    return median(fwd), median(fwd_bwd)
 
 
 def _error(e):
@@ -281,8 +278,8 @@ def _table(rows, names, sweep_rows):
   cell = lambda r: f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}" if "fwd_ms" in r else "n/a"
   # Every variant of ours and of triton against mamba_ssm, the plain one against assoc_scan.
   pairs = [("ours", "assoc_scan")] + [(name, "mamba_ssm") for name in names if name.startswith(("ours", "triton"))]
-  lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus); per call, median of "
-           f"{_ITERS.value} samples of {_BACK_TO_BACK.value} back-to-back calls each", "",
+  lines = [f"ms fwd / fwd+bwd (B={_BATCH}, Dm={_DM}, N={_N}, with D, z, dt_bias, softplus); "
+           f"{timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}", "",
            "| dtype, L | " + " | ".join(names) + " | floor (fwd) | "
            + " | ".join(f"{mine} / {peer}" for mine, peer in pairs) + " |",
            "|---" * (len(names) + 2 + len(pairs)) + "|"]

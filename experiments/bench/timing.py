@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+from absl import flags
 
 
 def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, iters: int = 20,
@@ -31,6 +32,23 @@ def median_ms(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = 3, ite
     sync(result)
     times.append((time.perf_counter() - start) * 1e3 / back_to_back)
   return statistics.median(times)
+
+
+def define_back_to_back_flag() -> flags.FlagHolder:
+  """The --back_to_back flag of the benchmark scripts: calls per timed sample (see `median_ms`)."""
+  return flags.DEFINE_integer(
+      "back_to_back", 10, "Calls per timed sample, synchronised once at the end (timing.median_ms): with several the "
+      "samples are device time per call for JAX and PyTorch alike; 1 times every call with its dispatch.")
+
+
+def describe_timing(iters: int, back_to_back: int) -> str:
+  """How median_ms timed a table's cells, for its header."""
+  return f"per call, median of {iters} samples of {back_to_back} back-to-back calls each"
+
+
+def torch_median_ms(torch, fn: Callable, input_sets: Sequence[tuple], *, iters: int, back_to_back: int) -> float:
+  """median_ms for a PyTorch peer: synchronises its CUDA stream instead of blocking on a JAX array."""
+  return median_ms(fn, input_sets, iters=iters, back_to_back=back_to_back, sync=lambda _: torch.cuda.synchronize())
 
 
 def program_bytes(compiled) -> int | None:
