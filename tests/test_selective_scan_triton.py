@@ -68,9 +68,9 @@ def test_pallas_block_sizes_are_rejected_by_triton():
 
 
 # Small tiles put several chunks and channel blocks in every case. SMALL's checkpoints (chunk_bwd < chunk) fall
-# inside the forward's chunks (four to a chunk; the defaults put two), its dB/dC are atomic adds and its forward loads each chunk's inputs in place (no
-# prefetch); COARSE_CHECKPOINTS' (chunk_bwd > chunk) span two forward chunks, and its backward tiles cross two
-# warps.
+# inside the forward's chunks (four to a chunk; the defaults put two), its dB/dC are atomic adds and its forward
+# loads each chunk's inputs in place (no prefetch); COARSE_CHECKPOINTS' (chunk_bwd > chunk) span two forward
+# chunks, and its backward tiles cross two warps.
 SMALL = BlockSizes(block_d=4, chunk=16, num_stages=1, block_d_bwd=2, chunk_bwd=4, num_warps_bwd=1, atomic_bc=True,
                    prefetch=False)
 COARSE_CHECKPOINTS = BlockSizes(block_d=2, chunk=8, block_d_bwd=2, chunk_bwd=16, num_warps_bwd=2)
