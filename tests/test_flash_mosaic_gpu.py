@@ -47,6 +47,13 @@ INTERPRET_CASES = [
     # come from the Mosaic backward: the pairing impl="mosaic" runs on aligned shapes.
     pytest.param(1, 128, 128, 2, 1, 64, True, jnp.bfloat16, mosaic_gpu.Config(block_k=64, num_stages=4), True,
                  id="causal-gqa2-one-tile-4stages-mosaic-bwd"),
+    # Config.overlap (intra-warpgroup pipelining, token turns): causal with T < S and both lengths padded, so
+    # the first tile is masked, the consumers need different tile counts and one passes turns at the end.
+    pytest.param(1, 200, 328, 2, 1, 64, True, jnp.bfloat16, mosaic_gpu.Config(block_k=64, overlap=True), False,
+                 id="overlap-causal-gqa2-T<S-padded"),
+    # Config.overlap without a mask, over a 3-slot ring that wraps (P V of tile j - 1 reads the previous slot).
+    pytest.param(1, 128, 384, 1, 1, 128, False, jnp.bfloat16,
+                 mosaic_gpu.Config(block_k=64, num_stages=3, overlap=True), False, id="overlap-bidir-3stages-d128"),
 ]
 
 
@@ -55,26 +62,30 @@ def test_interpret_matches_reference(b, t, s, h, hkv, d, causal, dtype, config, 
   _check(b, t, s, h, hkv, d, causal, dtype, config, grads)
 
 
-def test_interpret_race_detector_finds_no_race(capsys):
+@pytest.mark.parametrize("overlap", [False, True], ids=["turns", "overlap"])
+def test_interpret_race_detector_finds_no_race(capsys, overlap):
   """The happens-before race detector of interpret mode over the TMA ring, its barriers and the early-finishing
   consumer's releases (causal, 4 key tiles in a 2-slot ring; it reports races by printing)."""
   q, k, v, _, _ = _inputs(1, 256, 256, 1, 1, 64, jnp.bfloat16)
   params = plgpu.InterpretGPUParams(detect_races=True)
-  o, lse = mosaic_gpu.forward(q, k, v, causal=True, sm_scale=0.125, config=mosaic_gpu.Config(block_k=64),
-                              interpret=params)
+  o, lse = mosaic_gpu.forward(q, k, v, causal=True, sm_scale=0.125,
+                              config=mosaic_gpu.Config(block_k=64, overlap=overlap), interpret=params)
   want_o, want_lse = attention_reference(q, k, v, causal=True, sm_scale=0.125, return_lse=True)
   assert_close(o, want_o, FWD_TOL, "o")
   assert_close(lse, want_lse, FWD_TOL, "lse")
   assert "RACE DETECTED" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("config", [None, mosaic_gpu.Config(consumer_registers=240, overlap=True)],
+                         ids=["default", "overlap-240"])
 @pytest.mark.parametrize("causal,kv_length", [(False, 1000), (True, None)], ids=["bidir-padded", "causal"])
-def test_lowers_for_cuda(causal, kv_length):
+def test_lowers_for_cuda(causal, kv_length, config):
   """The Mosaic GPU lowering (layouts, wgmma shapes, shared-memory budget) runs without a GPU; interpret mode
   takes another path for P V, so this is what checks the compiled one on CPU."""
   q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-  f = jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, causal=causal, sm_scale=0.1, kv_length=kv_length))
+  f = jax.jit(lambda q, k, v: mosaic_gpu.forward(q, k, v, causal=causal, sm_scale=0.1, kv_length=kv_length,
+                                                 config=config))
   f.trace(q, k, k).lower(lowering_platforms=("cuda",))
 
 
@@ -90,6 +101,14 @@ def test_supports_and_errors():
     mosaic_gpu.forward(q[:, :100], k, v, causal=False, sm_scale=0.1)
   with pytest.raises(ValueError, match="block_q"):
     mosaic_gpu.Config(block_q=32)
+  with pytest.raises(ValueError, match="consumer_registers=248"):  # would leave the producer 8
+    mosaic_gpu.Config(consumer_registers=248)
+  assert mosaic_gpu.Config(consumer_registers=240).producer_registers == 24
+  assert mosaic_gpu.Config.parse("64:128:2:240:1") == mosaic_gpu.Config(consumer_registers=240, overlap=True)
+  assert mosaic_gpu.Config.parse("64:64:3") == mosaic_gpu.Config(block_k=64, num_stages=3)
+  for spec in ("64:128", "64:128:2:240:2", "64:x:2", "64:128:2:240:1:0"):
+    with pytest.raises(ValueError, match="spec"):
+      mosaic_gpu.Config.parse(spec)
 
 
 @pytest.mark.gpu
@@ -113,9 +132,21 @@ def test_gpu_forward_d256_fp16():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [mosaic_gpu.Config(block_k=64, num_stages=4), mosaic_gpu.Config(block_k=64),
-                                    mosaic_gpu.Config(block_q=128, block_k=64)], ids=str)
-def test_gpu_forward_tuning_configs(config):
-  _check(1, 2048, 2048, 4, 2, 128, True, jnp.bfloat16, config)
+                                    mosaic_gpu.Config(block_q=128, block_k=64),
+                                    mosaic_gpu.Config(consumer_registers=240),
+                                    mosaic_gpu.Config(consumer_registers=240, overlap=True),
+                                    mosaic_gpu.Config(overlap=True)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_tuning_configs(config, causal):
+  _check(1, 2048, 2048, 4, 2, 128, causal, jnp.bfloat16, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t,s", [(512, 512), (384, 700)])
+def test_gpu_overlap_padded_gqa(causal, t, s):
+  """Config.overlap on unaligned, padded lengths with GQA 4 and D = 64 (masked first tiles, passed turns)."""
+  _check(2, t, s, 8, 2, 64, causal, jnp.bfloat16, mosaic_gpu.Config(consumer_registers=240, overlap=True))
 
 
 @pytest.mark.gpu

@@ -89,9 +89,15 @@ def test_supports_and_rejections():
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="window"):
     flash_attention(q, q, q, window=(8, 0), impl="mosaic_bwd")
-  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x", "64:64:64:64:3:3:0:2", "64:64:64:64:3:3:0:1:1"):
+  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x", "64:64:64:64:3:3:0:2", "64:64:64:64:3:3:0:1:240:1"):
     with pytest.raises(ValueError, match="spec"):
       mosaic_gpu_bwd.BlockSizes.parse(spec)
+  blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:3:3:0:1:240")
+  assert blocks.await_dv and (blocks.compute_registers, blocks.producer_registers) == (240, 24)
+  assert mosaic_gpu_bwd.BlockSizes().producer_registers == 40
+  for registers in (244, 248, 16):  # not a multiple of 8; leaves the producer 8; under setmaxnreg's floor
+    with pytest.raises(ValueError, match=f"compute_registers={registers}"):
+      mosaic_gpu_bwd.BlockSizes(compute_registers=registers)
 
 
 @pytest.mark.gpu
@@ -111,7 +117,8 @@ def test_gpu_causal_unequal_lengths(t, s):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,d", [("64:64:64:128:3:2", 128), ("64:64:64:64:2:3", 64), ("128:64:64:64:2:2", 128),
                                     ("64:64:64:64:3:3:1", 128), ("64:64:64:128:3:2:1", 128),
-                                    ("64:64:64:128:3:3:1", 64), ("64:64:64:64:3:3:0:1", 128)])
+                                    ("64:64:64:128:3:3:1", 64), ("64:64:64:64:3:3:0:1", 128),
+                                    ("64:64:64:64:3:3:0:0:240", 128), ("64:64:64:64:3:3:0:1:240", 128)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_tile_configs(spec, d, causal):
   """The configurations the benchmark sweep tries compile and give the same gradients."""

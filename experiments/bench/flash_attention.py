@@ -23,14 +23,18 @@ _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims D.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "mosaic", "mosaic_bwd", "cudnn", "xla", "tokamax", "fa3"],
                            "Implementations to time.")
 _MOSAIC_CONFIGS = flags.DEFINE_list(
-    "mosaic_configs", [], "Extra tiles for the Mosaic GPU forward, block_q:block_k:num_stages each (e.g. 64:128:3); "
-    "each adds a row 'mosaic[64:128:3]' (timed when 'mosaic' is in --impls). The plain 'mosaic' row uses "
-    "mosaic_gpu.Config.get_default.")
+    "mosaic_configs", [], "Extra configs of the Mosaic GPU forward, block_q:block_k:num_stages[:registers[:overlap]] "
+    "each (e.g. 64:128:3, 64:128:2:240:1; see mosaic_gpu.Config.parse); each adds a row 'mosaic[64:128:3]' "
+    "(timed when 'mosaic' is in --impls). The plain 'mosaic' row uses mosaic_gpu.Config.get_default.")
 _MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
     "mosaic_bwd_configs", [], "Extra tiles for the Mosaic GPU backward (Triton forward), "
     "bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq each (e.g. 64:64:64:128:3:3, see mosaic_gpu_bwd.BlockSizes); "
     "each adds a row 'mosaic_bwd[...]' (timed when 'mosaic_bwd' is in --impls) and a row 'mosaic[bwd=...]' with the "
     "Mosaic forward (timed when 'mosaic' is).")
+_MOSAIC_PAIRS = flags.DEFINE_list(
+    "mosaic_pairs", [], "Forward and backward configs of impl='mosaic' together, FWD+BWD each in the --mosaic_configs "
+    "and --mosaic_bwd_configs formats (e.g. 64:128:2:240:1+64:64:64:64:3:3:0:1:240); each adds a row "
+    "'mosaic[FWD+BWD]' (timed when 'mosaic' is in --impls).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
 _BACK_TO_BACK = timing.define_back_to_back_flag()
 _TOKENS = 16384
@@ -47,8 +51,7 @@ def _peers() -> dict:
       "mosaic": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, impl="mosaic"),
   }
   for spec in _MOSAIC_CONFIGS.value:
-    block_q, block_k, num_stages = map(int, spec.split(":"))
-    config = mosaic_gpu.Config(block_q=block_q, block_k=block_k, num_stages=num_stages)
+    config = mosaic_gpu.Config.parse(spec)
     impls[f"mosaic[{spec}]"] = lambda q, k, v, causal, config=config: flash_attention(
         q, k, v, causal=causal, impl="mosaic", mosaic_config=config)
   impls["mosaic_bwd"] = lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, impl="mosaic_bwd")
@@ -61,6 +64,14 @@ def _peers() -> dict:
     impls[f"mosaic[bwd={spec}]"] = lambda q, k, v, causal, blocks=blocks: _mosaic_attention(
         q, k, v, causal=causal, sm_scale=q.shape[-1] ** -0.5, window=None, kv_lengths=None, block_sizes=None,
         config=None, bwd_blocks=blocks)[0]
+  for spec in _MOSAIC_PAIRS.value:
+    fwd_spec, plus, bwd_spec = spec.partition("+")
+    if not plus:
+      raise ValueError(f"--mosaic_pairs entry {spec!r} must be FWD+BWD (e.g. 64:128:2:240:1+64:64:64:64:3:3)")
+    config, blocks = mosaic_gpu.Config.parse(fwd_spec), mosaic_gpu_bwd.BlockSizes.parse(bwd_spec)
+    impls[f"mosaic[{spec}]"] = lambda q, k, v, causal, config=config, blocks=blocks: _mosaic_attention(
+        q, k, v, causal=causal, sm_scale=q.shape[-1] ** -0.5, window=None, kv_lengths=None, block_sizes=None,
+        config=config, bwd_blocks=blocks)[0]
   try:
     import tokamax
 

@@ -33,10 +33,10 @@ LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 _CONSUMERS = 2  # consumer warpgroups per CTA; the producer is warpgroup _CONSUMERS
 _HEAD_DIMS = (64, 128, 256)
-# Register split between warpgroups (64K 32-bit registers per SM, 128 threads per warpgroup): the consumers hold
-# the fp32 accumulators, the producer only issues copies. 2 * 232 + 40 = 504 <= 512 per thread-slot.
-_CONSUMER_REGISTERS = 232
-_PRODUCER_REGISTERS = 40
+# setmaxnreg moves registers between the warpgroups of a CTA only within its launch allocation: 64K registers
+# over 3 * 128 threads, rounded down to a multiple of 8, is 168 a thread, so consumers + producer share 3 * 168.
+_REGISTER_POOL = 3 * 168
+_MIN_REGISTERS = 24  # setmaxnreg's floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,13 @@ class Config:
   block_q: int = 64  # query rows per consumer warpgroup (a wgmma has M = 64); a CTA owns 2 * block_q rows
   block_k: int = 128  # keys per K/V pipeline stage
   num_stages: int = 2  # depth of the K/V shared-memory ring
+  # Registers a consumer thread holds (setmaxnreg); the producer, which only issues copies, keeps the rest of the
+  # pool: 40 at 232, 24 at 240 (FA3's split).
+  consumer_registers: int = 232
+  # FA3's intra-warpgroup pipelining: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and runs
+  # softmax(S_j) while the P V product is still on the tensor cores, instead of waiting for each product in turn.
+  # The consumers still take turns issuing (one turn per step). Costs registers: S_j, P_{j-1} and O live at once.
+  overlap: bool = False
 
   def __post_init__(self):
     if self.block_q % 64:
@@ -54,6 +61,29 @@ class Config:
       raise ValueError(f"block_k={self.block_k} must be a multiple of 64 (the 128-byte swizzle tile)")
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
+    valid = range(_MIN_REGISTERS, (_REGISTER_POOL - _MIN_REGISTERS) // _CONSUMERS + 1, 8)
+    if self.consumer_registers not in valid:
+      raise ValueError(f"consumer_registers={self.consumer_registers} must be a multiple of 8 in "
+                       f"[{valid[0]}, {valid[-1]}] (the producer keeps at least {_MIN_REGISTERS})")
+
+  @property
+  def producer_registers(self) -> int:
+    return _REGISTER_POOL - _CONSUMERS * self.consumer_registers
+
+  @classmethod
+  def parse(cls, spec: str) -> "Config":
+    """'block_q:block_k:num_stages[:consumer_registers[:overlap]]' (overlap 0 or 1), for benchmark sweeps."""
+    usage = (f"spec={spec!r} must be block_q:block_k:num_stages, then optionally consumer registers (e.g. :240) "
+             "and :0 or :1 (overlap)")
+    try:
+      fields = [int(x) for x in spec.split(":")]
+    except ValueError:
+      raise ValueError(usage) from None
+    if len(fields) not in (3, 4, 5) or fields[4:] not in ([], [0], [1]):
+      raise ValueError(usage)
+    registers = fields[3] if len(fields) > 3 else cls.consumer_registers
+    return cls(block_q=fields[0], block_k=fields[1], num_stages=fields[2], consumer_registers=registers,
+               overlap=fields[4:] == [1])
 
   @classmethod
   def get_default(cls, head_dim: int) -> "Config":
@@ -133,6 +163,130 @@ class _Static:
     return self.causal or self.kv_length % self.config.block_k != 0
 
 
+def _tile_softmax(s, m, *, j, row, masked: bool, static: _Static):
+  """Online-softmax update for the logits s [bq, bk] of key tile j (query rows from `row`), in scaled base 2.
+
+  Returns the new row max m_new, the factor alpha = exp2(m - m_new) that rescales what was accumulated under m,
+  and the unnormalised probabilities p = exp2(s * scale - m_new) (fp32).
+  """
+  bk = s.shape[1]
+  if masked:
+    iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
+    k_idx = iota(1) + j * bk
+    conditions = [k_idx <= iota(0) + (row + static.offset)] if static.causal else []
+    if static.kv_length % bk:  # only a padded last tile holds keys at or past kv_length
+      conditions.append(k_idx < static.kv_length)
+    s = jnp.where(functools.reduce(jnp.logical_and, conditions), s, -jnp.inf)
+  # m is kept in scaled base-2 units so p is one FMA and an exp2 per element. Every row attends key 0 (in the
+  # first tile it visits), so m is finite from the first step on and alpha never sees -inf - -inf.
+  m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s * static.scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+  return m_new, alpha, p
+
+
+def _overlapped_steps(carry, *, q_smem, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, turns, wg, row,
+                      k_tiles, unmasked, cta_k_tiles, static: _Static):
+  """The consumer loop of `Config.overlap`: FA3's intra-warpgroup pipelining. Returns (acc, m, l).
+
+  Step 0 issues S_0; step j >= 1 issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, and runs
+  softmax(S_j) while the P V product is still on the tensor cores; a last step issues P V of the final tile.
+  Issuing is a turn: consumer wg waits on turns[wg] and passes to the other on turns[1 - wg] (consumer 1 gave
+  consumer 0 the first turn), so the two interleave their products on the tensor cores while the other runs
+  its softmax. Each consumer takes cta_k_tiles turns (the earlier one passes its last turns without computing),
+  so the token never waits on a finished consumer.
+  """
+  cfg = static.config
+  bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
+  mine, other = turns.at[wg], turns.at[1 - wg]
+
+  def logits(j, slot, pv=None):
+    """S_j = Q K_j^T (and, GPU only, the pending P V product `pv` issued after it), then the turn passes."""
+    def body(s_ref):
+      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      if pv is not None:
+        pv()
+      plgpu.barrier_arrive(other)
+      return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
+    return pl.run_scoped(body, plgpu.ACC((bq, bk), jnp.float32))
+
+  def first_step(carry):
+    acc, m, l = carry
+    plgpu.barrier_wait(k_ready.at[0])
+    plgpu.barrier_wait(mine)
+    s = logits(0, 0)
+    plgpu.barrier_arrive(k_consumed.at[0])
+    # The first tile is masked whenever any is: masking a tile every row sees whole is a no-op.
+    m, _, p = _tile_softmax(s, m, j=0, row=row, masked=static.needs_mask, static=static)
+    return acc, m, p.sum(axis=1), p.astype(static.dtype)
+
+  def step(j, carry, masked):
+    acc, m, l, p16 = carry
+    slot, prev = lax.rem(j, jnp.int32(stages)), lax.rem(j - 1, jnp.int32(stages))
+    plgpu.barrier_wait(k_ready.at[slot])
+    plgpu.barrier_wait(v_ready.at[prev])
+    plgpu.barrier_wait(mine)
+    if static.interpret:
+      # Interpret mode has neither register-operand wgmma nor pl.run_state over plain values: same products, in
+      # turn. P V reads V through the generic proxy, so fence before the TMA refill of the slot.
+      s = logits(j, slot)
+      acc = acc + lax.dot_general(p16, v_smem.at[prev][...], (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      m, alpha, p = _tile_softmax(s, m, j=j, row=row, masked=masked, static=static)
+      l, p16 = l * alpha + p.sum(axis=1), p.astype(static.dtype)
+    else:
+      def pipelined(refs):
+        acc_ref, m_ref, l_ref, p16_ref, alpha_ref = refs
+        s = logits(j, slot, pv=lambda: plgpu.wgmma(acc_ref, p16_ref[...], v_smem.at[prev]))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        m_new, alpha, p = _tile_softmax(s, m_ref[...], j=j, row=row, masked=masked, static=static)
+        m_ref[...], alpha_ref[...] = m_new, alpha
+        l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+        p16_ref[...] = p.astype(static.dtype)
+
+      # run_state's exit awaits the P V product; the softmax above ran while it was in flight.
+      acc, m, l, p16, alpha = pl.run_state(pipelined)((plgpu.ACC.init(acc), m, l, p16, m))
+    plgpu.barrier_arrive(v_consumed.at[prev])
+    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+
+  def last_product(carry):
+    acc, m, l, p16 = carry
+    slot = lax.rem(k_tiles - 1, jnp.int32(stages))
+    plgpu.barrier_wait(v_ready.at[slot])
+    if static.interpret:
+      acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+      plgpu.commit_smem()
+    else:
+      acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_consumed.at[slot])
+    return acc, m, l
+
+  def pass_turn(j, _):
+    """A step the CTA's later rows still need: free the slots and keep the turns in step."""
+    slot = lax.rem(j, jnp.int32(stages))
+    plgpu.barrier_wait(k_ready.at[slot])
+    plgpu.barrier_arrive(k_consumed.at[slot])
+    plgpu.barrier_wait(v_ready.at[slot])
+    plgpu.barrier_arrive(v_consumed.at[slot])
+    plgpu.barrier_wait(mine)
+    plgpu.barrier_arrive(other)
+
+  pl.when(wg == 1)(lambda: plgpu.barrier_arrive(other))  # consumer 0 goes first
+  carry = first_step(carry)
+  first_masked = jnp.maximum(unmasked, 1)
+  carry = lax.fori_loop(1, first_masked, functools.partial(step, masked=False), carry)
+  if static.needs_mask:
+    carry = lax.fori_loop(first_masked, k_tiles, functools.partial(step, masked=True), carry)
+  carry = last_product(carry)
+  if static.causal:
+    lax.fori_loop(k_tiles, cta_k_tiles, pass_turn, None)
+  pl.when(wg == 0)(lambda: plgpu.barrier_wait(mine))  # consumer 1's last pass
+  return carry
+
+
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready, k_ready, v_ready,
             k_consumed, v_consumed, schedule, *, static: _Static):
   """One CTA: q_ref [B, T, H, D] etc. in global memory; *_smem and barriers shared by the three warpgroups."""
@@ -152,7 +306,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(cfg.consumer_registers, action="increase")
     q_smem, row_lse_smem = qo_smem.at[wg], lse_smem.at[wg]
     row = cta_row + wg * bq
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
@@ -170,18 +324,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
 
       s = pl.run_scoped(logits, plgpu.ACC((bq, bk), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
-      if masked:
-        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (bq, bk), layout=plgpu.Layout.WGMMA)
-        k_idx = iota(1) + j * bk
-        conditions = [k_idx <= iota(0) + (row + static.offset)] if static.causal else []
-        if static.kv_length % bk:  # only a padded last tile holds keys at or past kv_length
-          conditions.append(k_idx < static.kv_length)
-        s = jnp.where(functools.reduce(jnp.logical_and, conditions), s, -jnp.inf)
-      # m is kept in scaled base-2 units so p is one FMA and an exp2 per element. Every row attends key 0 (in
-      # the first tile it visits), so m is finite from the first step on and alpha never sees -inf - -inf.
-      m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s * static.scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      m_new, alpha, p = _tile_softmax(s, m, j=j, row=row, masked=masked, static=static)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       l = l * alpha + p.sum(axis=1)
       p16 = p.astype(static.dtype)
@@ -235,15 +378,21 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
     l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
     plgpu.barrier_wait(q_ready.at[wg])
-    plgpu.barrier_wait(k_ready.at[0])
-    pl.when(wg == 1)(take_turn)  # consumer 0 goes first
-    carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), (acc, m, l))
-    if static.needs_mask:
-      carry = lax.fori_loop(unmasked, k_tiles, functools.partial(step, masked=True), carry)
-    if static.causal:
-      lax.fori_loop(k_tiles, cta_k_tiles, release, None)
-    pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
-    acc, m, l = carry
+    if cfg.overlap:
+      acc, m, l = _overlapped_steps(
+          (acc, m, l), q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_ready=k_ready, v_ready=v_ready,
+          k_consumed=k_consumed, v_consumed=v_consumed, turns=schedule, wg=wg, row=row, k_tiles=k_tiles,
+          unmasked=unmasked, cta_k_tiles=cta_k_tiles, static=static)
+    else:
+      plgpu.barrier_wait(k_ready.at[0])
+      pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+      carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), (acc, m, l))
+      if static.needs_mask:
+        carry = lax.fori_loop(unmasked, k_tiles, functools.partial(step, masked=True), carry)
+      if static.causal:
+        lax.fori_loop(k_tiles, cta_k_tiles, release, None)
+      pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
+      acc, m, l = carry
 
     q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])).astype(static.dtype)
     row_lse_smem[...] = m * LN_2 + jnp.log(l)  # natural log, as pallas_gpu.forward
@@ -254,7 +403,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(cfg.producer_registers, action="decrease")
     kv_head = lax.div(head, jnp.int32(static.group))
 
     def load(j, slot):
@@ -332,7 +481,8 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, config: Config | None = N
       plgpu.Barrier(num_barriers=stages),  # V landed
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # K slot free
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V slot free
-      plgpu.Barrier(num_arrivals=_CONSUMERS),  # tensor-core turn
+      # Tensor-core turns: one rendezvous of both consumers, or (overlap) a token per consumer.
+      plgpu.Barrier(num_barriers=_CONSUMERS) if config.overlap else plgpu.Barrier(num_arrivals=_CONSUMERS),
   )
   return plgpu.kernel(
       functools.partial(_kernel, static=static),

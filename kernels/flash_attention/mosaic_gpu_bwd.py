@@ -28,10 +28,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2_E = math.log2(math.e)
-# Register split of the warp-specialised kernels: the producer only issues TMA copies, so the compute
-# warpgroups get the rest of the 64K-register file (2 * 232 + 40 <= 512 per lane slot).
-_COMPUTE_REGISTERS = 232
-_MEMORY_REGISTERS = 40
+# setmaxnreg moves registers between the warpgroups of a CTA only within what it was launched with: the 64K
+# registers of the SM over its threads, rounded down to a multiple of 8 (168 a thread for three warpgroups).
+_REGISTER_FILE = 65536
+_MIN_REGISTERS = 24  # setmaxnreg's floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,26 @@ class BlockSizes:
   # hits): there P^T, dP^T, delta and the dK/dV accumulators are live at once, and this frees P^T's 16 registers
   # a thread. Not yet timed, so off.
   await_dv: bool = False
+  # Registers a thread of each compute warpgroup (setmaxnreg); the producer, which only issues TMA copies, gets
+  # what is left of the CTA's launch allocation: 40 at 232 (the default), 24 at 240 (FA3's split).
+  compute_registers: int = 232
+
+  def __post_init__(self):
+    pool = self.launch_registers * (self.compute_wgs + 1)
+    valid = [r for r in range(_MIN_REGISTERS, 257, 8) if pool - self.compute_wgs * r >= _MIN_REGISTERS]
+    if self.compute_registers not in valid:
+      raise ValueError(f"compute_registers={self.compute_registers} must be one of {valid[0]}..{valid[-1]} in "
+                       f"steps of 8 (with compute_wgs={self.compute_wgs} the producer keeps at least "
+                       f"{_MIN_REGISTERS} of {pool})")
+
+  @property
+  def launch_registers(self) -> int:
+    """Registers a thread at launch (before setmaxnreg) with compute_wgs + 1 warpgroups."""
+    return _REGISTER_FILE // (128 * (self.compute_wgs + 1)) // 8 * 8
+
+  @property
+  def producer_registers(self) -> int:
+    return self.launch_registers * (self.compute_wgs + 1) - self.compute_wgs * self.compute_registers
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
@@ -80,20 +100,22 @@ class BlockSizes:
 
   @classmethod
   def parse(cls, spec: str) -> "BlockSizes":
-    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv]]' (compute_wgs stays 2; defer and
-    await_dv are 0 or 1, the `defer_release` and `await_dv` flags), for benchmark sweeps."""
+    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv[:registers]]]' (compute_wgs stays 2;
+    defer and await_dv are 0 or 1, the `defer_release` and `await_dv` flags; registers is `compute_registers`),
+    for benchmark sweeps."""
     usage = (f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or "
-             ":1 (defer_release) and :0 or :1 (await_dv)")
+             ":1 (defer_release), :0 or :1 (await_dv) and compute registers (e.g. :240)")
     try:
       fields = [int(x) for x in spec.split(":")]
     except ValueError:
       raise ValueError(usage) from None
-    if len(fields) not in (6, 7, 8) or any(flag not in (0, 1) for flag in fields[6:]):
+    if len(fields) not in (6, 7, 8, 9) or any(flag not in (0, 1) for flag in fields[6:8]):
       raise ValueError(usage)
     bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields[:6]
-    defer, await_dv = (fields[6:] + [0, 0])[:2]
+    defer, await_dv, registers = (fields[6:] + [0, 0, cls.compute_registers][len(fields) - 6:])[:3]
     return cls(block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
-               num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=defer == 1, await_dv=await_dv == 1)
+               num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=defer == 1, await_dv=await_dv == 1,
+               compute_registers=registers)
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, window=None, kv_lengths=None,
@@ -246,7 +268,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
   @pl.when(wg < blocks.compute_wgs)
   def _compute():
-    plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+    plgpu.set_max_registers(blocks.compute_registers, action="increase")
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
     my_rows = (batch, pl.ds(k_start + wg * bk, bk), kv_head)
     plgpu.copy_gmem_to_smem(k_ref.at[my_rows], my_k, k_bar.at[wg])
@@ -319,7 +341,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
   @pl.when(wg == blocks.compute_wgs)
   def _producer():
-    plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+    plgpu.set_max_registers(blocks.producer_registers, action="decrease")
 
     def fetch(step, carry):
       slot = lax.rem(step, stages)
@@ -356,7 +378,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ba
 
   @pl.when(wg < blocks.compute_wgs)
   def _compute():
-    plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+    plgpu.set_max_registers(blocks.compute_registers, action="increase")
     my_q, my_do = q_smem.at[wg], do_smem.at[wg]
     my_rows = pl.ds(q_start + wg * bq, bq)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, my_rows, head], my_q, q_bar.at[wg])
@@ -413,7 +435,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ba
 
   @pl.when(wg == blocks.compute_wgs)
   def _producer():
-    plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+    plgpu.set_max_registers(blocks.producer_registers, action="decrease")
 
     def fetch(j, carry):
       slot = lax.rem(j, stages)
