@@ -78,7 +78,8 @@ def test_interpret_race_detector_finds_no_race(capsys, overlap):
 
 @pytest.mark.parametrize("config", [None, mosaic_gpu.Config(consumer_registers=240, overlap=True)],
                          ids=["default", "overlap-240"])
-@pytest.mark.parametrize("causal,kv_length", [(False, 1000), (True, None)], ids=["bidir-padded", "causal"])
+@pytest.mark.parametrize("causal,kv_length", [(False, 1000), (True, None), (False, None)],
+                         ids=["bidir-padded", "causal", "bidir"])
 def test_lowers_for_cuda(causal, kv_length, config):
   """The Mosaic GPU lowering (layouts, wgmma shapes, shared-memory budget) runs without a GPU; interpret mode
   takes another path for P V, so this is what checks the compiled one on CPU."""
@@ -106,6 +107,11 @@ def test_supports_and_errors():
   assert mosaic_gpu.Config(consumer_registers=240).producer_registers == 24
   assert mosaic_gpu.Config.parse("64:128:2:240:1") == mosaic_gpu.Config(consumer_registers=240, overlap=True)
   assert mosaic_gpu.Config.parse("64:64:3") == mosaic_gpu.Config(block_k=64, num_stages=3)
+  # overlap=None: on for D <= 128 without masked tiles; an explicit choice stands.
+  assert mosaic_gpu.Config().resolved(128, needs_mask=False).overlap
+  assert not mosaic_gpu.Config().resolved(128, needs_mask=True).overlap
+  assert not mosaic_gpu.Config().resolved(256, needs_mask=False).overlap
+  assert mosaic_gpu.Config(overlap=True).resolved(128, needs_mask=True).overlap
   for spec in ("64:128", "64:128:2:240:2", "64:x:2", "64:128:2:240:1:0"):
     with pytest.raises(ValueError, match="spec"):
       mosaic_gpu.Config.parse(spec)

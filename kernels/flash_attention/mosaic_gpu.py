@@ -7,7 +7,9 @@ One CTA owns 2 * block_q query rows of one (batch, head) and runs three warpgrou
   release a slot (K after S, V after P V) by arriving on its "consumed" barrier, which the producer waits on
   before refilling it.
 A shared two-arrival "schedule" barrier makes the consumers take turns on the tensor cores: while one runs its
-softmax (exp2 on the SFU), the other's matmuls run, which is what lifts the kernel to cuDNN speed.
+softmax (exp2 on the SFU), the other's matmuls run, which is what lifts the kernel to cuDNN speed. Where no tile
+needs a mask, `Config.overlap` adds FA3's intra-warpgroup pipelining on top (`_overlapped_steps`): each consumer
+issues S_j = Q K_j^T together with O += P_{j-1} V_{j-1} and runs softmax(S_j) under the P V product.
 
 Layout stays channel-last: TMA copies (block, D) slices of q/k/v [B, T|S, H|Hkv, D] directly. GQA: query head h
 reads key/value head h // (H / Hkv). Causal: key tiles above the diagonal are never loaded, and only tiles that
@@ -52,7 +54,10 @@ class Config:
   # FA3's intra-warpgroup pipelining: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and runs
   # softmax(S_j) while the P V product is still on the tensor cores, instead of waiting for each product in turn.
   # The consumers still take turns issuing (one turn per step). Costs registers: S_j, P_{j-1} and O live at once.
-  overlap: bool = False
+  # None (the default) turns it on where it was measured faster: D <= 128 and no tile needs an element mask
+  # (not causal, S a multiple of block_k). Causal it measured far slower on an H200 (403 against 616 TFLOP/s at
+  # T = 8K; benchmarks/results/flash_attention_overlap.md).
+  overlap: bool | None = None
 
   def __post_init__(self):
     if self.block_q % 64:
@@ -72,7 +77,8 @@ class Config:
 
   @classmethod
   def parse(cls, spec: str) -> "Config":
-    """'block_q:block_k:num_stages[:consumer_registers[:overlap]]' (overlap 0 or 1), for benchmark sweeps."""
+    """'block_q:block_k:num_stages[:consumer_registers[:overlap]]' (overlap 0 or 1; left out, None: the
+    default), for benchmark sweeps."""
     usage = (f"spec={spec!r} must be block_q:block_k:num_stages, then optionally consumer registers (e.g. :240) "
              "and :0 or :1 (overlap)")
     try:
@@ -83,12 +89,18 @@ class Config:
       raise ValueError(usage)
     registers = fields[3] if len(fields) > 3 else cls.consumer_registers
     return cls(block_q=fields[0], block_k=fields[1], num_stages=fields[2], consumer_registers=registers,
-               overlap=fields[4:] == [1])
+               overlap=bool(fields[4]) if len(fields) > 4 else None)
 
   @classmethod
   def get_default(cls, head_dim: int) -> "Config":
     """128-key stages up to D = 128; D = 256 halves them so two K/V stages fit in shared memory."""
     return cls(block_k=64) if head_dim > 128 else cls()
+
+  def resolved(self, head_dim: int, needs_mask: bool) -> "Config":
+    """This config with overlap=None replaced by the choice for the problem (see `overlap`)."""
+    if self.overlap is not None:
+      return self
+    return dataclasses.replace(self, overlap=head_dim <= 128 and not needs_mask)
 
   @property
   def rows_per_cta(self) -> int:
@@ -468,6 +480,9 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, config: Config | None = N
       num_q_tiles=t // config.rows_per_cta, group=h // hkv,
       dtype=q.dtype, interpret=bool(interpret),
   )
+  if config.overlap is None:
+    static = dataclasses.replace(static, config=config.resolved(d, static.needs_mask))
+    config = static.config
   # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank conflicts.
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   stages = config.num_stages
