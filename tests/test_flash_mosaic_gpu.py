@@ -107,9 +107,10 @@ def test_supports_and_errors():
   assert mosaic_gpu.Config(consumer_registers=240).producer_registers == 24
   assert mosaic_gpu.Config.parse("64:128:2:240:1") == mosaic_gpu.Config(consumer_registers=240, overlap=True)
   assert mosaic_gpu.Config.parse("64:64:3") == mosaic_gpu.Config(block_k=64, num_stages=3)
-  # overlap=None: on for D <= 128 without masked tiles; an explicit choice stands.
+  # overlap=None: on for D = 128 without masked tiles; an explicit choice stands.
   assert mosaic_gpu.Config().resolved(128, needs_mask=False).overlap
   assert not mosaic_gpu.Config().resolved(128, needs_mask=True).overlap
+  assert not mosaic_gpu.Config().resolved(64, needs_mask=False).overlap
   assert not mosaic_gpu.Config().resolved(256, needs_mask=False).overlap
   assert mosaic_gpu.Config(overlap=True).resolved(128, needs_mask=True).overlap
   for spec in ("64:128", "64:128:2:240:2", "64:x:2", "64:128:2:240:1:0"):

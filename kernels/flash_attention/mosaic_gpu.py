@@ -7,8 +7,8 @@ One CTA owns 2 * block_q query rows of one (batch, head) and runs three warpgrou
   release a slot (K after S, V after P V) by arriving on its "consumed" barrier, which the producer waits on
   before refilling it.
 A shared two-arrival "schedule" barrier makes the consumers take turns on the tensor cores: while one runs its
-softmax (exp2 on the SFU), the other's matmuls run, which is what lifts the kernel to cuDNN speed. Where no tile
-needs a mask, `Config.overlap` adds FA3's intra-warpgroup pipelining on top (`_overlapped_steps`): each consumer
+softmax (exp2 on the SFU), the other's matmuls run, which is what lifts the kernel to cuDNN speed. At D = 128 where
+no tile needs a mask, `Config.overlap` adds FA3's intra-warpgroup pipelining on top (`_overlapped_steps`): each consumer
 issues S_j = Q K_j^T together with O += P_{j-1} V_{j-1} and runs softmax(S_j) under the P V product.
 
 Layout stays channel-last: TMA copies (block, D) slices of q/k/v [B, T|S, H|Hkv, D] directly. GQA: query head h
@@ -54,9 +54,10 @@ class Config:
   # FA3's intra-warpgroup pipelining: step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together and runs
   # softmax(S_j) while the P V product is still on the tensor cores, instead of waiting for each product in turn.
   # The consumers still take turns issuing (one turn per step). Costs registers: S_j, P_{j-1} and O live at once.
-  # None (the default) turns it on where it was measured faster: D <= 128 and no tile needs an element mask
-  # (not causal, S a multiple of block_k). Causal it measured far slower on an H200 (403 against 616 TFLOP/s at
-  # T = 8K; benchmarks/results/flash_attention_overlap.md).
+  # None (the default) turns it on where it was measured faster: D = 128 and no tile needs an element mask (not
+  # causal, S a multiple of block_k). On an H200 at T = 8K: D = 128 non-causal 610-620 against 582-584 TFLOP/s;
+  # causal 403 against 616 (ptxas serialises the wgmmas there: C7513, and spills 80 bytes); D = 64 non-causal
+  # 415 against 433 (benchmarks/results/flash_attention_overlap.md, flash_attention_d64_configs.md).
   overlap: bool | None = None
 
   def __post_init__(self):
@@ -100,7 +101,7 @@ class Config:
     """This config with overlap=None replaced by the choice for the problem (see `overlap`)."""
     if self.overlap is not None:
       return self
-    return dataclasses.replace(self, overlap=head_dim <= 128 and not needs_mask)
+    return dataclasses.replace(self, overlap=head_dim == 128 and not needs_mask)
 
   @property
   def rows_per_cta(self) -> int:

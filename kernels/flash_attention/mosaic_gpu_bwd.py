@@ -55,7 +55,7 @@ class BlockSizes:
   # of overlapping dS^T with it: there P^T, dP^T, delta and the dK/dV accumulators are live at once, and this
   # frees P^T's 16 registers a thread. At 232 compute registers ptxas reports a 12-byte spill in the dk/dv kernel
   # (MOSAIC_GPU_DUMP_PTXAS=1); at 240 none. Together 1-2% faster fwd+bwd on an H200 at D = 128 (8K/16K, causal
-  # or not; benchmarks/results/flash_attention_overlap.md), so the D = 128 default.
+  # or not; benchmarks/results/flash_attention_overlap.md), so the default (see get_default).
   await_dv: bool = False
   # Registers a thread of each compute warpgroup (setmaxnreg); the producer, which only issues TMA copies, gets
   # what is left of the CTA's launch allocation: 40 at 232 (the default), 24 at 240 (FA3's split).
@@ -83,9 +83,11 @@ class BlockSizes:
     """Defaults per head dim (3-deep rings: ~160 KiB of SMEM at D = 128). At D = 128 the sweeps on an H200
     (experiments/bench/flash_attention.py --mosaic_bwd_configs; benchmarks/results/flash_attention_mosaic_bwd_*.md)
     put 64:64:64:128 with 3/2 stages within run-to-run spread of these (non-causal 465 vs 462 TFLOP/s at 8K) and
-    every other tiling tried below them; at D = 128, await_dv with 240 compute registers adds 1-2%."""
+    every other tiling tried below them. await_dv with 240 compute registers adds 1-2% at D = 128 and, with a
+    2-deep dq ring, 3% at D = 64 (T = 8K, causal or not; flash_attention_overlap.md,
+    flash_attention_d64_configs.md)."""
     if head_dim <= 64:
-      return cls(block_k_dq=128)
+      return cls(block_k_dq=128, num_stages_dq=2, await_dv=True, compute_registers=240)
     return cls(await_dv=True, compute_registers=240)
 
   @property
