@@ -57,11 +57,19 @@ class BlockSizes:
   # (MOSAIC_GPU_DUMP_PTXAS=1); at 240 none. Together 1-2% faster fwd+bwd on an H200 at D = 128 (8K/16K, causal
   # or not; benchmarks/results/flash_attention_overlap.md), so the default (see get_default).
   await_dv: bool = False
+  # dk/dv kernel: issue step i's dK product (dS^T_i Q_i) in step i + 1, behind S^T and dP^T of that step, with
+  # dS^T_i carried in registers, so it runs under the next step's exponentials instead of draining the tensor
+  # cores at the step's end (FA3's intra-warpgroup pipelining, applied to dK). Q_i's ring slot is then freed
+  # one step later. Excludes defer_release (which frees it while dK_i still reads it).
+  defer_dk: bool = False
   # Registers a thread of each compute warpgroup (setmaxnreg); the producer, which only issues TMA copies, gets
   # what is left of the CTA's launch allocation: 40 at 232 (the default), 24 at 240 (FA3's split).
   compute_registers: int = 232
 
   def __post_init__(self):
+    if self.defer_dk and self.defer_release:
+      raise ValueError("defer_dk and defer_release cannot both be set (defer_release frees Q's slot while the "
+                       "deferred dK product still reads it)")
     pool = self.launch_registers * (self.compute_wgs + 1)
     valid = [r for r in range(_MIN_REGISTERS, 257, 8) if pool - self.compute_wgs * r >= _MIN_REGISTERS]
     if self.compute_registers not in valid:
@@ -102,22 +110,22 @@ class BlockSizes:
 
   @classmethod
   def parse(cls, spec: str) -> "BlockSizes":
-    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv[:registers]]]' (compute_wgs stays 2;
-    defer and await_dv are 0 or 1, the `defer_release` and `await_dv` flags; registers is `compute_registers`),
-    for benchmark sweeps."""
+    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv[:registers[:defer_dk]]]]' (compute_wgs
+    stays 2; defer, await_dv and defer_dk are 0 or 1, the `defer_release`, `await_dv` and `defer_dk` flags;
+    registers is `compute_registers`), for benchmark sweeps."""
     usage = (f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or "
-             ":1 (defer_release), :0 or :1 (await_dv) and compute registers (e.g. :240)")
+             ":1 (defer_release), :0 or :1 (await_dv), compute registers (e.g. :240) and :0 or :1 (defer_dk)")
     try:
       fields = [int(x) for x in spec.split(":")]
     except ValueError:
       raise ValueError(usage) from None
-    if len(fields) not in (6, 7, 8, 9) or any(flag not in (0, 1) for flag in fields[6:8]):
+    if len(fields) not in range(6, 11) or any(flag not in (0, 1) for flag in fields[6:8] + fields[9:]):
       raise ValueError(usage)
     bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields[:6]
-    defer, await_dv, registers = (fields[6:] + [0, 0, cls.compute_registers][len(fields) - 6:])[:3]
+    defer, await_dv, registers, defer_dk = (fields[6:] + [0, 0, cls.compute_registers, 0][len(fields) - 6:])[:4]
     return cls(block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
                num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=defer == 1, await_dv=await_dv == 1,
-               compute_registers=registers)
+               compute_registers=registers, defer_dk=defer_dk == 1)
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, window=None, kv_lengths=None,
@@ -280,18 +288,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     p_stage, ds_stage = (staging[0].at[wg], staging[1].at[wg]) if st.stage_lhs else (None, None)
 
     def step(i, carry, *, g, masked, dk_ref, dv_ref):
+      """One (Q, dO) tile of the stream; with defer_dk, carry is the previous step's dS^T (bf16 [bk, bq])."""
       index = g * n + i - lo  # position in the producer's stream
       slot = lax.rem(index, stages)
       q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
       plgpu.barrier_wait(q_bar.at[slot])
       plgpu.barrier_wait(do_bar.at[slot])
+      # Groups issued ahead of the ones awaited below: with defer_dk the previous step's dK sits after dP^T.
+      behind = 2 if blocks.defer_dk else 1
 
       def tile(st_ref, dpt_ref):
         plgpu.wgmma(st_ref, my_k, q_tile.transpose((1, 0)))
         plgpu.wgmma(dpt_ref, my_v, do_tile.transpose((1, 0)))
-        # wgmma groups retire in issue order, so with one group left in flight S^T is ready while dP^T still
+        if blocks.defer_dk:
+          # The previous step's Q is still in its slot (freed below, after this product). The first step has
+          # none: its carry is zeros, multiplied into this step's Q (finite data) to the same effect.
+          prev_slot = jnp.where(index > 0, lax.rem(index + stages - 1, stages), slot)
+          plgpu.wgmma(dk_ref, _lhs(carry, ds_stage), q_smem.at[prev_slot])
+        # wgmma groups retire in issue order, so with `behind` groups left in flight S^T is ready while dP^T still
         # runs: the exponentials overlap the tensor cores (and dS^T below overlaps the dV product).
-        s_t = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)
+        s_t = plgpu.wgmma_accumulator_load(st_ref, wait_n=behind)
         if blocks.defer_release:
           _release_previous(consumed, index, stages)
         plgpu.barrier_wait(lse_bar.at[slot])
@@ -303,15 +319,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
           q_idx = i * bq + _iota((bk, bq), 1)
           p_t = jnp.where(q_idx + st.offset >= k_idx, p_t, 0.0)
         plgpu.wgmma(dv_ref, _lhs(p_t.astype(st.dtype), p_stage), do_tile)
-        # In flight: dP^T, then dV. Waiting down to one group awaits dP^T; down to none awaits dV too.
-        dp_t = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=0 if blocks.await_dv else 1)
+        # In flight: dP^T, (the previous dK,) then dV. Waiting down to `behind` groups awaits dP^T; down to none
+        # awaits dV too.
+        dp_t = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=0 if blocks.await_dv else behind)
         plgpu.barrier_wait(delta_bar.at[slot])
         delta = _col_vector(delta_smem.at[slot])
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-        plgpu.wgmma(dk_ref, _lhs(ds_t.astype(st.dtype), ds_stage), q_tile)
+        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))).astype(st.dtype)
+        if blocks.defer_dk:
+          return ds_t
+        plgpu.wgmma(dk_ref, _lhs(ds_t, ds_stage), q_tile)
+        return carry
 
-      pl.run_scoped(tile, plgpu.ACC((bk, bq), jnp.float32), plgpu.ACC((bk, bq), jnp.float32))
-      if not blocks.defer_release:
+      carry = pl.run_scoped(tile, plgpu.ACC((bk, bq), jnp.float32), plgpu.ACC((bk, bq), jnp.float32))
+      if blocks.defer_dk:
+        # The previous step's dK was the last reader of its slot; this step's slot waits for the next dK.
+        plgpu.wgmma_wait(0)
+        _release_previous(consumed, index, stages)
+      elif not blocks.defer_release:
         # The slot may be refilled only once both wgmmas have read it.
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(consumed.at[slot])
@@ -324,9 +348,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
           carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
         return lax.fori_loop(full_lo, hi, functools.partial(body, masked=False), carry)
 
-      lax.fori_loop(0, st.group, head, None)
-      if blocks.defer_release:
+      if blocks.defer_dk:
+        zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), plgpu.Layout.WGMMA).astype(st.dtype)
+        ds_last = lax.fori_loop(0, st.group, head, zeros)
+        last_slot = lax.rem(st.group * n + stages - 1, stages)
+        plgpu.wgmma(dk_ref, _lhs(ds_last, ds_stage), q_smem.at[last_slot])
         _release_last(consumed, st.group * n, stages)
+      else:
+        lax.fori_loop(0, st.group, head, None)
+        if blocks.defer_release:
+          _release_last(consumed, st.group * n, stages)
       return dk_ref[...], dv_ref[...]
 
     # Zero-initialised fp32 accumulators that live in registers across the whole loop.
