@@ -60,7 +60,9 @@ class BlockSizes:
   # dk/dv kernel: issue step i's dK product (dS^T_i Q_i) in step i + 1, behind S^T and dP^T of that step, with
   # dS^T_i carried in registers, so it runs under the next step's exponentials instead of draining the tensor
   # cores at the step's end (FA3's intra-warpgroup pipelining, applied to dK). Q_i's ring slot is then freed
-  # one step later. Excludes defer_release (which frees it while dK_i still reads it).
+  # one step later. Excludes defer_release (which frees it while dK_i still reads it). Measured slower on an H200
+  # (440-450 against 479 TFLOP/s fwd+bwd at T = 8K, D = 128): the carried dS^T makes ptxas spill 204-244 bytes
+  # (benchmarks/results/flash_attention_mosaic_bwd_defer_dk.md), so off; kept as a sweep option.
   defer_dk: bool = False
   # Registers a thread of each compute warpgroup (setmaxnreg); the producer, which only issues TMA copies, gets
   # what is left of the CTA's launch allocation: 40 at 232 (the default), 24 at 240 (FA3's split).
