@@ -6,7 +6,8 @@ Rows: bf16, B=1, H=16, D=128, T in {8K, 16K, 32K}; causal sliding windows of 256
 bidirectional BigBird (128-position blocks, 3 sliding, 1 global, 3 random). FLOPs as FlashAttention counts them
 (forward 4*B*H*T*S*D, backward 2.5x forward), for sparse masks over attended pairs only; "block TFLOP/s" counts
 every element of the non-empty tiles (the work the kernel does), and the issue's bar is block TFLOP/s >= 0.8x our
-dense flash TFLOP/s (kernels.flash_attention, impl="pallas", non-causal) at the same T. Peers in the same process:
+dense flash TFLOP/s (kernels.flash_attention, non-causal) at the same T: each block-sparse kernel is set against
+the dense flash of the same lowering (impl="pallas" for ours, impl="mosaic" for mosaic). Peers in the same process:
 cuDNN sliding window (`jax.nn.dot_product_attention(local_window_size=...)`) and PyTorch FlexAttention when torch
 is importable. Results are rewritten after every row, so a run cut short still leaves the rows it finished.
 """
@@ -34,7 +35,11 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["8192", "16384", "32768"], "Sequence lengths T (= S).")
 _PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "sliding-4096", "bigbird"],
                               "Sparse patterns to time.")
-_IMPLS = flags.DEFINE_list("impls", ["ours", "cudnn", "flex"], "Sparse implementations to time (besides dense flash).")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["ours", "mosaic", "cudnn", "flex"],
+    "Sparse implementations to time (besides dense flash): ours (impl='pallas', the Triton lowering), mosaic "
+    "(impl='mosaic': the Mosaic GPU forward with the Triton backward, Hopper; it also adds a dense flash row with "
+    "impl='mosaic' to compare against), cudnn, flex.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
 _BACK_TO_BACK = timing.define_back_to_back_flag()
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
@@ -162,6 +167,9 @@ def main(argv):
       name = "flash-causal" if causal else "flash-dense"
       _row(rows, env, name, "dense", t, dense_flops * (0.5 if causal else 1.0), None, lambda: _measure_jax(
           lambda q, k, v: flash_attention(q, k, v, causal=causal, impl="pallas"), inputs, _ITERS.value))
+    if "mosaic" in _IMPLS.value:
+      _row(rows, env, "flash-dense-mosaic", "dense", t, dense_flops, None, lambda: _measure_jax(
+          lambda q, k, v: flash_attention(q, k, v, impl="mosaic"), inputs, _ITERS.value))
     for pattern in _PATTERNS.value:
       start = time.perf_counter()
       mask = _mask(pattern, t)
@@ -171,6 +179,10 @@ def main(argv):
       if "ours" in _IMPLS.value:
         _row(rows, env, "ours", pattern, t, flops, block_flops, lambda: _measure_jax(
             lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas", block_sizes=blocks), inputs,
+            _ITERS.value))
+      if "mosaic" in _IMPLS.value:
+        _row(rows, env, "mosaic", pattern, t, flops, block_flops, lambda: _measure_jax(
+            lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="mosaic", block_sizes=blocks), inputs,
             _ITERS.value))
       window = _window(pattern)
       if "cudnn" in _IMPLS.value and window is not None:
@@ -187,27 +199,30 @@ def _table(rows):
   overrides = f", our kernel tiles with {', '.join(_BLOCKS.value)}" if _BLOCKS.value else ""
   lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd "
            f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
-           "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over dense flash's (bar: >= 0.8)", "",
-           "| T | pattern | ours ms | ours TFLOP/s (pairs) | ours TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
+           "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
+           "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic = impl='mosaic'", "",
+           "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
   fmt_ms = lambda r: f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}" if r and "fwd_ms" in r else "n/a"
   for t in sorted({r["T"] for r in rows}):
     at = {(r["impl"], r["pattern"]): r for r in rows if r["T"] == t}
-    dense = at.get(("flash-dense", "dense"), {})
     for pattern in [p for p in _PATTERNS.value if any(r["pattern"] == p for r in at.values())]:
-      ours = at.get(("ours", pattern), {})
-      pairs = tiles = ratio = "n/a"
-      if "fwd_ms" in ours:
-        pairs = f"{ours['fwd_tflops']:.0f} / {ours['fwd_bwd_tflops']:.0f}"
-        tiles = f"{ours['fwd_block_tflops']:.0f} / {ours['fwd_bwd_block_tflops']:.0f}"
-        if "fwd_ms" in dense:
-          ratio = (f"{ours['fwd_block_tflops'] / dense['fwd_tflops']:.2f} / "
-                   f"{ours['fwd_bwd_block_tflops'] / dense['fwd_bwd_tflops']:.2f}")
-      flash = (f"{fmt_ms(dense)} ({dense['fwd_tflops']:.0f} / {dense['fwd_bwd_tflops']:.0f})"
-               if "fwd_ms" in dense else "n/a")
-      lines.append(f"| {t // 1024}K | {pattern} | {fmt_ms(ours)} | {pairs} | {tiles} | {ratio} | "
-                   f"{fmt_ms(at.get(('cudnn', pattern)))} | {fmt_ms(at.get(('flex', pattern)))} | {flash} |")
+      for kernel, dense_name in (("ours", "flash-dense"), ("mosaic", "flash-dense-mosaic")):
+        ours, dense = at.get((kernel, pattern)), at.get((dense_name, "dense"), {})
+        if ours is None:
+          continue
+        pairs = tiles = ratio = "n/a"
+        if "fwd_ms" in ours:
+          pairs = f"{ours['fwd_tflops']:.0f} / {ours['fwd_bwd_tflops']:.0f}"
+          tiles = f"{ours['fwd_block_tflops']:.0f} / {ours['fwd_bwd_block_tflops']:.0f}"
+          if "fwd_ms" in dense:
+            ratio = (f"{ours['fwd_block_tflops'] / dense['fwd_tflops']:.2f} / "
+                     f"{ours['fwd_bwd_block_tflops'] / dense['fwd_bwd_tflops']:.2f}")
+        flash = (f"{fmt_ms(dense)} ({dense['fwd_tflops']:.0f} / {dense['fwd_bwd_tflops']:.0f})"
+                 if "fwd_ms" in dense else "n/a")
+        lines.append(f"| {t // 1024}K | {pattern} | {kernel} | {fmt_ms(ours)} | {pairs} | {tiles} | {ratio} | "
+                     f"{fmt_ms(at.get(('cudnn', pattern)))} | {fmt_ms(at.get(('flex', pattern)))} | {flash} |")
   return "\n".join(lines)
 
 

@@ -8,12 +8,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import backend
-from kernels.block_sparse import pallas_gpu, pallas_tpu
+from kernels.block_sparse import mosaic_gpu, pallas_gpu, pallas_tpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
 from kernels.flash_attention.api import check_kv_lengths, check_qkv
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "mosaic")
 
 
 # Pallas kernels per platform; both take the same padded inputs, mask arrays and residuals.
@@ -30,6 +30,7 @@ def block_sparse_attention(
     kv_lengths: jax.Array | None = None,
     impl: str = "auto",
     block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
+    mosaic_config: mosaic_gpu.Config | None = None,
 ) -> jax.Array:
   """Softmax attention restricted to a block-sparse pattern; work scales with the mask's non-empty tiles.
 
@@ -40,11 +41,14 @@ def block_sparse_attention(
     sm_scale: logit scale, default 1/sqrt(D).
     kv_lengths: int [B] valid keys per sequence (right padding: keys at or past it are never attended).
     impl: "xla" (dense masked reference, O(T * S) memory), "pallas" (Pallas kernels: the Mosaic TPU ones on a
-      TPU, else the GPU ones; interpret mode off their platform), or "auto" (Pallas on GPU and TPU, the
-      reference elsewhere).
+      TPU, else the GPU ones; interpret mode off their platform), "mosaic" (Hopper: the forward in Pallas' Mosaic
+      GPU lowering, kernels/block_sparse/mosaic_gpu.py, with the "pallas" GPU backward; bf16/fp16, D 64 or 128,
+      mask tiles 128 x 64 or 128 x 128, no kv_lengths; interpret mode off GPU), or "auto" (Pallas on GPU and
+      TPU, the reference elsewhere).
     block_sizes: kernel tiles (default: the platform's `BlockSizes.get_default(D)`), capped at the mask's tiles.
       The TPU kernels take the row tiles (block_q, block_q_dq, block_k_dkv; the last only in whole multiples of
-      128) and visit whole mask tiles along the reduction.
+      128) and visit whole mask tiles along the reduction. With impl="mosaic" they are the backward's.
+    mosaic_config: pipeline depth of the impl="mosaic" forward (default `mosaic_gpu.Config()`).
 
   Returns:
     o [B, T, H, D] in q's dtype. Rows that attend no key give zeros.
@@ -55,6 +59,11 @@ def block_sparse_attention(
     impl = "pallas" if backend.has_pallas_kernels() else "xla"
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
+  if impl == "mosaic":
+    if reasons := mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config):
+      raise ValueError(f"impl='mosaic' does not support {'; '.join(reasons)}; impl='pallas' takes every problem")
+    return _mosaic_attention(q, k, v, mask, sm_scale=scale, block_sizes=block_sizes, config=mosaic_config,
+                             interpret=not backend.on_gpu())
   platform = backend.pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
                            interpret=jax.default_backend() != platform, platform=platform)
@@ -126,3 +135,43 @@ def _attention_bwd(static, blocks, interpret, platform, residuals, do):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config, interpret):
+  """The Mosaic GPU forward with the Triton-lowering backward, on inputs padded to whole mask tiles."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  blocks = pallas_gpu.fit_blocks(block_sizes or pallas_gpu.BlockSizes.get_default(d, q.dtype.itemsize),
+                                 mask.block_q, mask.block_k)
+  nq, nk = mask.grid
+  static = pallas_gpu._Static(
+      sm_scale=sm_scale, group=h // hkv, per_head_mask=mask.num_heads > 1, mask_block_q=mask.block_q,
+      mask_block_k=mask.block_k, has_kv_length=False, precision=None,
+  )
+  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+  lists, transposed_lists, tiles = _mask_arrays(mask)
+  o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
+              transposed_lists, tiles, static, blocks, config, interpret)
+  return o[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _mosaic(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret):
+  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret)[0]
+
+
+def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret):
+  o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
+                              per_head_mask=static.per_head_mask, config=config, interpret=interpret)
+  return o, (q, k, v, o, lse, lists, transposed_lists, tiles)
+
+
+def _mosaic_bwd(static, blocks, config, interpret, residuals, do):
+  q, k, v, o, lse, lists, transposed_lists, tiles = residuals
+  lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+  dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do.astype(q.dtype), lengths, lists, transposed_lists, tiles,
+                                   static=static, blocks=blocks, interpret=interpret)
+  return dq, dk, dv, None, None, None
+
+
+_mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)

@@ -1,0 +1,253 @@
+"""Block-sparse attention forward for Hopper with Pallas' Mosaic GPU lowering.
+
+The warp-specialised design of kernels/flash_attention/mosaic_gpu.py (two consumer warpgroups of 64 query rows
+taking turns on the tensor cores, one producer streaming K/V tiles by TMA through a ring), with the key loop
+driven by the mask's visit lists: a CTA owns one 128-row mask tile row of one (batch, head), and its producer reads
+the row's list entry by entry (key tile index, and for a partial tile the index of its element mask) from global
+memory. Full tiles come first and run without a mask; each partial tile's element mask travels with its K/V tile
+as an additive bf16/fp16 bias (0 attended, -inf not), loaded into the wgmma accumulator layout and added to S.
+
+Rows may attend nothing (in a partial tile, or with an empty list): the softmax keeps such rows at zero weight
+and they give o = 0 and lse = -inf, as the Triton kernel. The backward is the Triton one (pallas_gpu.backward)
+on this forward's o and natural-log lse.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+_CONSUMERS = 2  # consumer warpgroups per CTA; the producer is warpgroup _CONSUMERS
+_ROWS = 64  # query rows per consumer (one wgmma M)
+MASK_BLOCK_Q = _CONSUMERS * _ROWS  # the mask's query tile: one CTA
+MASK_BLOCK_KS = (64, 128)
+HEAD_DIMS = (64, 128)
+# Hopper gives a CTA up to 227 KiB of shared memory.
+_SHARED_MEMORY_BYTES = 227 * 1024
+# 128-byte swizzled (8, 64) tiles: the shared-memory layout TMA writes and wgmma reads without bank conflicts.
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Pipeline depth of the Mosaic GPU block-sparse forward (the tiles are the mask's)."""
+
+  num_stages: int = 2  # depth of the K/V (and bias) shared-memory ring
+
+  def __post_init__(self):
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
+
+  def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int) -> int:
+    """Q/O tiles of both consumers, the K and V rings and the bias ring."""
+    return (MASK_BLOCK_Q * head_dim + self.num_stages * block_k * (2 * head_dim + MASK_BLOCK_Q)) * itemsize
+
+
+def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, config: Config | None = None) -> list[str]:
+  """Why this kernel cannot run the problem (empty when it can); q [B, T, H, D]."""
+  reasons = []
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    reasons.append(f"dtype {q.dtype} (bf16/fp16 only: wgmma operands)")
+  if q.shape[-1] not in HEAD_DIMS:
+    reasons.append(f"head_dim {q.shape[-1]} (one of {HEAD_DIMS})")
+  if mask_block_q != MASK_BLOCK_Q or mask_block_k not in MASK_BLOCK_KS:
+    reasons.append(f"mask tiles {mask_block_q}x{mask_block_k} (block_q {MASK_BLOCK_Q}, block_k one of "
+                   f"{MASK_BLOCK_KS})")
+  if kv_lengths is not None:
+    reasons.append("kv_lengths")
+  if not reasons:
+    smem = (config or Config()).shared_memory_bytes(q.shape[-1], mask_block_k, q.dtype.itemsize)
+    if smem > _SHARED_MEMORY_BYTES:
+      reasons.append(f"{smem} bytes of shared memory (limit {_SHARED_MEMORY_BYTES}; lower num_stages)")
+  return reasons
+
+
+def bias_tiles(tiles: jax.Array, dtype) -> jax.Array:
+  """int8 element masks [NT, bq, bk] (nonzero = attended) -> additive logit bias (0 or -inf) in `dtype`."""
+  return jnp.where(tiles != 0, 0.0, -jnp.inf).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernel specialises on."""
+
+  config: Config
+  scale: float  # sm_scale * log2(e): logits in base 2
+  group: int  # query heads per key/value head
+  per_head_mask: bool
+  block_k: int
+  dtype: jnp.dtype
+  interpret: bool
+
+
+def _kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed,
+            v_consumed, schedule, *, static: _Static):
+  """One CTA: one mask row (128 query rows) of one (batch, head); lists and tensors in global memory."""
+  bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
+  batch, head, row_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
+  wg = lax.axis_index("wg")
+  mask_head = head if static.per_head_mask else 0
+  num_full, count = num_full_ref[mask_head, row_tile], count_ref[mask_head, row_tile]
+
+  def take_turn():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_smem = qo_smem.at[wg]
+    row = row_tile * MASK_BLOCK_Q + wg * bq
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
+
+    def step(j, carry, masked):
+      acc, m, l = carry
+      slot = lax.rem(j, jnp.int32(stages))
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def logits(s_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        take_turn()  # the other consumer's P V runs while this S = Q K^T is in flight
+        return s_ref[...]
+
+      s = pl.run_scoped(logits, plgpu.ACC((bq, bk), jnp.float32))
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      if masked:
+        plgpu.barrier_wait(bias_ready.at[slot * _CONSUMERS + wg])
+        s = s + plgpu.load(bias_smem.at[slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
+      if masked:
+        # A row that has attended nothing yet (all -inf so far) keeps zero weight instead of exp2(-inf + inf).
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      else:
+        m_use = m_new  # a full tile gives every row a finite maximum
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s * static.scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l = l * alpha + p.sum(axis=1)
+      p16 = p.astype(static.dtype)
+      # Keeps the compiler from sinking the softmax past the barriers below (it would then stall the turn).
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      plgpu.barrier_arrive(schedule)  # softmax done: the other consumer may issue its matmuls
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)  # tensor cores are free again
+      if static.interpret:
+        # Interpret mode has no register-operand wgmma: the same product, reading V through the generic proxy
+        # (hence the fence before the TMA refill of the slot).
+        acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        plgpu.commit_smem()
+      else:
+        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc, m_new, l
+
+    d = q_smem.shape[-1]
+    m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_ready.at[wg])
+    pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(num_full, count, functools.partial(step, masked=True), carry)
+    pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
+
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
+    # Straight from registers: a shared-memory staging buffer for it would not fit beside the rings at D = 128.
+    lse_ref.at[batch, head, pl.ds(row, bq)][...] = jnp.where(empty, -jnp.inf, m * LN_2 + jnp.log(safe_l))
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.int32(static.group))
+
+    @pl.loop(0, count)
+    def _(j):
+      slot = lax.rem(j, jnp.int32(stages))
+      keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, j] * bk, bk), kv_head)
+
+      @pl.when(j >= stages)
+      def _():
+        plgpu.barrier_wait(k_consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+
+      @pl.when(j >= stages)
+      def _():
+        plgpu.barrier_wait(v_consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+      @pl.when(j >= num_full)
+      def _():
+        # The bias slot is free once V's is: both consumers add it to S before their P V.
+        tile = tile_ids_ref[mask_head, row_tile, j]
+        for c in range(_CONSUMERS):
+          plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[slot, c],
+                                  bias_ready.at[slot * _CONSUMERS + c])
+
+    # Observe the release of the last tiles too, so every warpgroup ends having seen every barrier phase.
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(j):
+      slot = lax.rem(j, jnp.int32(stages))
+      plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, config: Config | None = None,
+            interpret: bool | plgpu.InterpretGPUParams = False):
+  """q [B, T, H, D], k/v [B, S, Hkv, D] -> o [B, T, H, D], lse [B, H, T] (fp32, natural log; -inf: nothing seen).
+
+  lists: the mask's visit lists (blocks, tiles, num_full, count) as int32 arrays (`BlockMask.lists`); bias:
+  [NT, 128, block_k] additive element masks in q's dtype (`bias_tiles`). T must be a multiple of 128 and S of
+  block_k (the mask's tiles). interpret: Mosaic GPU interpret mode (CPU), for tests.
+  """
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  config = config or Config()
+  block_k = bias.shape[-1]
+  if reasons := unsupported_reasons(q, bias.shape[1], block_k, None, config):
+    raise ValueError(f"mosaic_gpu.forward does not support {', '.join(reasons)}")
+  if t % MASK_BLOCK_Q or s % block_k:
+    raise ValueError(f"T={t} must be a multiple of {MASK_BLOCK_Q} and S={s} of block_k={block_k}")
+  static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
+                            block_k=block_k, dtype=q.dtype, interpret=bool(interpret))
+  stages = config.num_stages
+  scratch = (
+      plgpu.SMEM((_CONSUMERS, _ROWS, d), q.dtype, transforms=_TRANSFORMS),  # Q, then O, per consumer
+      plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows per consumer
+      plgpu.Barrier(num_barriers=_CONSUMERS),  # Q landed
+      plgpu.Barrier(num_barriers=stages),  # K landed
+      plgpu.Barrier(num_barriers=stages),  # V landed
+      plgpu.Barrier(num_barriers=stages * _CONSUMERS),  # bias rows landed, per slot and consumer
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # K slot free
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V (and bias) slot free
+      plgpu.Barrier(num_arrivals=_CONSUMERS),  # tensor-core turn
+  )
+  return plgpu.kernel(
+      functools.partial(_kernel, static=static),
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+      scratch_types=scratch,
+      grid=(h, t // MASK_BLOCK_Q, b),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=_CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                 else plgpu.InterpretGPUParams() if interpret else None),
+  )(*lists, bias, q, k, v)
