@@ -1,9 +1,9 @@
-"""Block-sparse attention with impl="mosaic": the Mosaic GPU forward (kernels/block_sparse/mosaic_gpu.py) with the
-Triton backward, against the dense masked reference.
+"""Block-sparse attention with impl="mosaic": the Mosaic GPU forward and backward (kernels/block_sparse/mosaic_gpu.py,
+mosaic_gpu_bwd.py; the Triton backward for 128 x 64 mask tiles), against the dense masked reference.
 
-On CPU the forward runs in Mosaic GPU interpret mode (warpgroups as threads, TMA, wgmma and barriers simulated) and
-the backward in Pallas interpret mode; the lowering test checks the compiled path's layouts and shared-memory
-budget without a GPU. The `gpu` tests run every builder on an H100/H200.
+On CPU the kernels run in interpret mode (Mosaic GPU: warpgroups as threads, TMA, wgmma and barriers simulated);
+the lowering tests check the compiled path's layouts and shared-memory budget without a GPU. The `gpu` tests run
+every builder on an H100/H200.
 """
 
 import jax
@@ -14,6 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.block_sparse import bigbird, block_sparse_attention, from_dense, global_tokens, local, stack_heads
 from kernels.block_sparse import mosaic_gpu as block_sparse_mosaic
+from kernels.block_sparse import mosaic_gpu_bwd as block_sparse_mosaic_bwd
 from kernels.block_sparse.reference import block_sparse_reference
 from tests.block_sparse_helpers import SMALL_TILES, compare, inputs
 from tests.helpers import assert_close
@@ -32,21 +33,27 @@ def _rows_attending_nothing(t, s, block_k):
 
 
 @pytest.mark.parametrize(
-    "t,s,h,hkv,block_k,make_mask",
+    "t,s,h,hkv,d,block_k,make_mask",
     [
         # Sliding window with global tokens: full tiles, partial tiles from two builders, GQA 2, 64-key tiles.
-        pytest.param(384, 384, 2, 1, 64, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk)
+        pytest.param(384, 384, 2, 1, 64, 64, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk)
                      | global_tokens(t, (5,), block_q=128, block_k=bk), id="sliding+global-gqa2-bk64"),
         # One pattern per head (a window, and rows with nothing or a single key to attend), T != S, 128-key tiles.
-        pytest.param(256, 384, 2, 2, 128, lambda t, s, bk: stack_heads(
+        # The Mosaic backward from here on (128 x 128 tiles): one pattern per head, rows with nothing or a single
+        # key to attend, T != S.
+        pytest.param(256, 384, 2, 2, 64, 128, lambda t, s, bk: stack_heads(
             [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]),
                      id="per-head-empty-rows-T<S-bk128"),
+        # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
+        # crosses from one query head's list to the next).
+        pytest.param(384, 384, 2, 1, 128, 128, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk),
+                     id="sliding-gqa2-bk128-d128"),
     ],
 )
-def test_interpret_matches_reference(t, s, h, hkv, block_k, make_mask):
+def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask):
   mask = make_mask(t, s, block_k)
-  assert mask.lists.num_full.sum() > 0 and mask.tiles.size  # both loops of the kernel run
-  q, k, v, do = inputs(1, t, s, h, hkv, 64, jnp.bfloat16)
+  assert mask.lists.num_full.sum() > 0 and mask.tiles.size  # both loops of the kernels run
+  q, k, v, do = inputs(1, t, s, h, hkv, d, jnp.bfloat16)
   o = compare(q, k, v, do, mask, block_sizes=SMALL_TILES, impl="mosaic")
   if mask.num_heads > 1:  # rows that attend nothing give zeros
     assert not np.asarray(o[0, 130:150, 1], np.float32).any()
@@ -79,6 +86,22 @@ def test_lowers_for_cuda(d, block_k):
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_lowers_for_cuda(d):
+  """The Mosaic GPU lowering of both backward kernels (layouts, shared memory) runs without a GPU."""
+  t, h, hkv = 1024, 4, 2
+  mask = stack_heads([local(t, 300), global_tokens(t, (0,)), local(t, 100), local(t, 500)])
+  lists, transposed = (tuple(jnp.asarray(x, jnp.int32) for x in ls) for ls in (mask.lists, mask.transposed_lists))
+  bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, t, hkv, d), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, h, t), jnp.float32)
+  f = jax.jit(lambda q, k, v, o, lse, do: block_sparse_mosaic_bwd.backward(
+      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True))
+  text = f.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
+
+
 def test_unsupported_problems_name_the_argument():
   q, k, v, _ = inputs(1, 256, 256, 2, 2, 64, jnp.bfloat16)
   cases = [
@@ -93,6 +116,10 @@ def test_unsupported_problems_name_the_argument():
       block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("mask"), impl="mosaic", **args)
   with pytest.raises(ValueError, match="num_stages"):
     block_sparse_mosaic.Config(num_stages=1)
+  with pytest.raises(ValueError, match="backward='triton'"):
+    block_sparse_mosaic.Config(backward="triton")
+  with pytest.raises(ValueError, match="num_stages_dkv"):
+    block_sparse_mosaic_bwd.Config(num_stages_dkv=1)
 
 
 GPU_MASKS = {

@@ -8,7 +8,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import backend
-from kernels.block_sparse import mosaic_gpu, pallas_gpu, pallas_tpu
+from kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, pallas_tpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
 from kernels.flash_attention.api import check_kv_lengths, check_qkv
@@ -41,14 +41,15 @@ def block_sparse_attention(
     sm_scale: logit scale, default 1/sqrt(D).
     kv_lengths: int [B] valid keys per sequence (right padding: keys at or past it are never attended).
     impl: "xla" (dense masked reference, O(T * S) memory), "pallas" (Pallas kernels: the Mosaic TPU ones on a
-      TPU, else the GPU ones; interpret mode off their platform), "mosaic" (Hopper: the forward in Pallas' Mosaic
-      GPU lowering, kernels/block_sparse/mosaic_gpu.py, with the "pallas" GPU backward; bf16/fp16, D 64 or 128,
-      mask tiles 128 x 64 or 128 x 128, no kv_lengths; interpret mode off GPU), or "auto" (Pallas on GPU and
-      TPU, the reference elsewhere).
+      TPU, else the GPU ones; interpret mode off their platform), "mosaic" (Hopper kernels in Pallas' Mosaic GPU
+      lowering, kernels/block_sparse/mosaic_gpu.py and mosaic_gpu_bwd.py; bf16/fp16, D 64 or 128, mask tiles
+      128 x 64 or 128 x 128, no kv_lengths; the backward is the "pallas" one for 128 x 64 tiles or when
+      mosaic_config.backward says so; interpret mode off GPU), or "auto" (Pallas on GPU and TPU, the reference
+      elsewhere).
     block_sizes: kernel tiles (default: the platform's `BlockSizes.get_default(D)`), capped at the mask's tiles.
       The TPU kernels take the row tiles (block_q, block_q_dq, block_k_dkv; the last only in whole multiples of
       128) and visit whole mask tiles along the reduction. With impl="mosaic" they are the backward's.
-    mosaic_config: pipeline depth of the impl="mosaic" forward (default `mosaic_gpu.Config()`).
+    mosaic_config: pipeline depth and backward of impl="mosaic" (default `mosaic_gpu.Config()`).
 
   Returns:
     o [B, T, H, D] in q's dtype. Rows that attend no key give zeros.
@@ -138,7 +139,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config, interpret):
-  """The Mosaic GPU forward with the Triton-lowering backward, on inputs padded to whole mask tiles."""
+  """The Mosaic GPU forward and backward (the Triton-lowering backward where the Mosaic one does not apply or
+  config.backward asks for it), on inputs padded to whole mask tiles."""
   b, t, h, d = q.shape
   hkv = k.shape[2]
   blocks = pallas_gpu.fit_blocks(block_sizes or pallas_gpu.BlockSizes.get_default(d, q.dtype.itemsize),
@@ -150,27 +152,36 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
   )
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
   lists, transposed_lists, tiles = _mask_arrays(mask)
+  config = config or mosaic_gpu.Config()
+  mosaic_backward = config.backward == "mosaic" and not mosaic_gpu_bwd.unsupported_reasons(
+      q, mask.block_q, mask.block_k, None)
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
-              transposed_lists, tiles, static, blocks, config, interpret)
+              transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward)
   return o[:, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _mosaic(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret):
-  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _mosaic(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward):
+  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward)[0]
 
 
-def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret):
+def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward):
   o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
                               per_head_mask=static.per_head_mask, config=config, interpret=interpret)
   return o, (q, k, v, o, lse, lists, transposed_lists, tiles)
 
 
-def _mosaic_bwd(static, blocks, config, interpret, residuals, do):
+def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, do):
   q, k, v, o, lse, lists, transposed_lists, tiles = residuals
-  lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
-  dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do.astype(q.dtype), lengths, lists, transposed_lists, tiles,
-                                   static=static, blocks=blocks, interpret=interpret)
+  do = do.astype(q.dtype)
+  if mosaic_backward:
+    dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do, lists, transposed_lists,
+                                         mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
+                                         per_head_mask=static.per_head_mask, interpret=interpret)
+  else:
+    lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+    dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,
+                                     blocks=blocks, interpret=interpret)
   return dq, dk, dv, None, None, None
 
 

@@ -8,8 +8,8 @@ memory. Full tiles come first and run without a mask; each partial tile's elemen
 as an additive bf16/fp16 bias (0 attended, -inf not), loaded into the wgmma accumulator layout and added to S.
 
 Rows may attend nothing (in a partial tile, or with an empty list): the softmax keeps such rows at zero weight
-and they give o = 0 and lse = -inf, as the Triton kernel. The backward is the Triton one (pallas_gpu.backward)
-on this forward's o and natural-log lse.
+and they give o = 0 and lse = -inf, as the Triton kernel. The backward (mosaic_gpu_bwd.py, or the Triton
+pallas_gpu.backward) takes this forward's o and natural-log lse.
 """
 
 import dataclasses
@@ -40,8 +40,13 @@ class Config:
   """Pipeline depth of the Mosaic GPU block-sparse forward (the tiles are the mask's)."""
 
   num_stages: int = 2  # depth of the K/V (and bias) shared-memory ring
+  # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
+  # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
+  backward: str = "mosaic"
 
   def __post_init__(self):
+    if self.backward not in ("mosaic", "pallas"):
+      raise ValueError(f"backward={self.backward!r} is not valid; choose 'mosaic' or 'pallas'")
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
 

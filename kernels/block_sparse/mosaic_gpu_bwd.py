@@ -1,0 +1,375 @@
+"""Block-sparse attention backward (dq and dk/dv) for Hopper with Pallas' Mosaic GPU lowering.
+
+The kernels of kernels/flash_attention/mosaic_gpu_bwd.py (two compute warpgroups of 64 rows and a TMA producer
+per CTA, P recomputed from the base-2 lse, deterministic: dq and dk/dv in separate kernels), with the streams
+driven by the mask's visit lists instead of contiguous ranges:
+
+- dq: one CTA per (batch, head, 128-row query tile); the producer streams the key tiles of the tile's list (in
+  `key_step`-key halves when a mask tile is wider than the kernel's step). S = Q K^T, dP = dO V^T,
+  dS = P (dP - delta), dQ += dS K.
+- dk/dv: one CTA per (batch, kv head, 128-key tile: 64 keys per warpgroup); the producer streams, for every query
+  head of the GQA group, the query tiles of that head's transposed list in 64-row steps. S^T = K Q^T,
+  dP^T = V dO^T, P^T = exp2(S^T * scale - lse2), dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+
+Partial tiles' element masks travel with their tiles as an additive bias (0 or -inf; transposed for dk/dv), added
+to S before the exponential, so masked pairs get probability exactly 0. Rows that attend nothing carry lse2 = +inf
+and contribute nothing.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# The flash backward's shared-memory layout, vector loads and register-operand staging are this file's too.
+from kernels.flash_attention.mosaic_gpu_bwd import _col_vector, _lhs, _row_vector, _tile_smem
+
+LOG2_E = math.log2(math.e)
+_WGS = 2  # compute warpgroups per CTA, plus one producer
+_ROWS = 64  # rows per compute warpgroup (one wgmma M)
+MASK_BLOCK_Q = _WGS * _ROWS
+MASK_BLOCK_K = _WGS * _ROWS  # the dk/dv CTA: one mask key tile, split between the warpgroups
+HEAD_DIMS = (64, 128)
+# FA3's register split (the flash backward's default): 2 * 240 + 24 = 3 * 168, the CTA's launch allocation.
+_COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 240, 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Pipeline depths of the two kernels."""
+
+  num_stages_dq: int = 2  # (K, V, bias) ring of the dq kernel
+  num_stages_dkv: int = 3  # (Q, dO, lse, delta, bias) ring of the dk/dv kernel
+
+  def __post_init__(self):
+    for name in ("num_stages_dq", "num_stages_dkv"):
+      if getattr(self, name) < 2:
+        raise ValueError(f"{name}={getattr(self, name)} must be at least 2 to overlap copies with compute")
+
+
+def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths) -> list[str]:
+  """Why these kernels cannot run the problem (empty when they can); q [B, T, H, D]."""
+  reasons = []
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    reasons.append(f"dtype {q.dtype} (bf16/fp16 only: wgmma operands)")
+  if q.shape[-1] not in HEAD_DIMS:
+    reasons.append(f"head_dim {q.shape[-1]} (one of {HEAD_DIMS})")
+  if (mask_block_q, mask_block_k) != (MASK_BLOCK_Q, MASK_BLOCK_K):
+    reasons.append(f"mask tiles {mask_block_q}x{mask_block_k} ({MASK_BLOCK_Q}x{MASK_BLOCK_K} only)")
+  if kv_lengths is not None:
+    reasons.append("kv_lengths")
+  return reasons
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels specialise on."""
+
+  sm_scale: float
+  group: int  # query heads per kv head
+  per_head_mask: bool
+  head_dim: int
+  key_step: int  # keys per step of the dq kernel (a mask tile is 128 // key_step steps)
+  dtype: jnp.dtype
+  config: Config
+  # Interpret mode's wgmma takes only SMEM operands, so there the register left operands are staged in SMEM.
+  stage_lhs: bool
+
+  @property
+  def scale2(self) -> float:
+    return self.sm_scale * LOG2_E
+
+  @property
+  def key_steps(self) -> int:
+    return MASK_BLOCK_K // self.key_step
+
+
+def _bias(ref):
+  """An additive [rows, cols] element mask from SMEM in the wgmma accumulator layout, in fp32."""
+  return plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+
+def _dq_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, smem, barriers, *, st: _Static):
+  q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem, *staging = smem
+  q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, bias_bar, consumed = barriers
+  bq, bk, stages, steps = _ROWS, st.key_step, st.config.num_stages_dq, st.key_steps
+  batch, head, row_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+  wg = lax.axis_index("wg")
+  mask_head = head if st.per_head_mask else 0
+  # Stream steps: every listed key tile in `steps` slices; the full tiles' come first.
+  num_full = num_full_ref[mask_head, row_tile] * steps
+  count = count_ref[mask_head, row_tile] * steps
+
+  @pl.when(wg < _WGS)
+  def _compute():
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+    my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+    my_rows = pl.ds(row_tile * MASK_BLOCK_Q + wg * bq, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, my_rows, head], my_q, q_bar.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, my_rows, head], my_do, do_bar.at[wg])
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, my_rows], lse_smem.at[wg], lse_bar.at[wg])
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, my_rows], delta_smem.at[wg], delta_bar.at[wg])
+    for bar in (q_bar, do_bar, lse_bar, delta_bar):
+      plgpu.barrier_wait(bar.at[wg])
+    lse2, delta = _row_vector(lse_smem.at[wg]), _row_vector(delta_smem.at[wg])
+    ds_stage = staging[0].at[wg] if st.stage_lhs else None
+
+    def step(n, carry, *, masked, dq_ref):
+      slot = lax.rem(n, stages)
+      k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+      plgpu.barrier_wait(k_bar.at[slot])
+      plgpu.barrier_wait(v_bar.at[slot])
+
+      def tile(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, my_q, k_tile.transpose((1, 0)))
+        plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP still runs under the exponentials
+        if masked:
+          plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
+          s = s + _bias(bias_smem.at[slot, wg])
+        p = jnp.exp2(s * st.scale2 - lax.broadcast_in_dim(lse2, (bq, bk), [0]))
+        ds = p * (dp_ref[...] - lax.broadcast_in_dim(delta, (bq, bk), [0]))
+        plgpu.wgmma(dq_ref, _lhs(ds.astype(st.dtype), ds_stage), k_tile)
+
+      pl.run_scoped(tile, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
+      plgpu.wgmma_wait(0)  # the slot may be refilled only once every wgmma has read it
+      plgpu.barrier_arrive(consumed.at[slot])
+      return carry
+
+    def accumulate(dq_ref):
+      lax.fori_loop(0, num_full, functools.partial(step, masked=False, dq_ref=dq_ref), None)
+      lax.fori_loop(num_full, count, functools.partial(step, masked=True, dq_ref=dq_ref), None)
+      return dq_ref[...]
+
+    dq = pl.run_scoped(accumulate, plgpu.ACC((bq, st.head_dim), jnp.float32))
+    my_q[...] = (dq * st.sm_scale).astype(st.dtype)  # Q is no longer read: its buffer stages the output
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(my_q, dq_ref.at[batch, my_rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _WGS)
+  def _producer():
+    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    kv_head = lax.div(head, st.group)
+
+    @pl.loop(0, count)
+    def _(n):
+      slot = lax.rem(n, stages)
+      entry, part = lax.div(n, steps), lax.rem(n, steps)
+      keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, entry] * MASK_BLOCK_K + part * bk, bk), kv_head)
+
+      @pl.when(n >= stages)
+      def _():
+        plgpu.barrier_wait(consumed.at[slot])
+
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+
+      @pl.when(n >= num_full)
+      def _():
+        tile = tile_ids_ref[mask_head, row_tile, entry]
+        for w in range(_WGS):
+          plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)], bias_smem.at[slot, w],
+                                  bias_bar.at[slot * _WGS + w])
+
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(n):  # observe the last releases, so the producer ends having seen every phase of `consumed`
+      plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, smem, barriers, *, st: _Static):
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, bias_smem, *staging = smem
+  k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, bias_bar, consumed = barriers
+  bq, bk, stages = _ROWS, _ROWS, st.config.num_stages_dkv
+  row_steps = MASK_BLOCK_Q // bq  # a listed query tile is this many stream steps
+  batch, kv_head, key_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+  wg = lax.axis_index("wg")
+  k_start = key_tile * MASK_BLOCK_K
+
+  def head_list(g):
+    """(query head, mask head, full steps, all steps) of the group's g-th query head."""
+    head = kv_head * st.group + g
+    mask_head = head if st.per_head_mask else 0
+    return (head, mask_head, num_full_ref[mask_head, key_tile] * row_steps,
+            count_ref[mask_head, key_tile] * row_steps)
+
+  @pl.when(wg < _WGS)
+  def _compute():
+    plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+    my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+    my_rows = (batch, pl.ds(k_start + wg * bk, bk), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[my_rows], my_k, k_bar.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[my_rows], my_v, v_bar.at[wg])
+    plgpu.barrier_wait(k_bar.at[wg])
+    plgpu.barrier_wait(v_bar.at[wg])
+    p_stage, ds_stage = (staging[0].at[wg], staging[1].at[wg]) if st.stage_lhs else (None, None)
+
+    def step(n, index, *, masked, dk_ref, dv_ref):
+      """Stream step `index` (the n-th of the current head); returns index + 1."""
+      del n
+      slot = lax.rem(index, stages)
+      q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+      plgpu.barrier_wait(q_bar.at[slot])
+      plgpu.barrier_wait(do_bar.at[slot])
+
+      def tile(st_ref, dpt_ref):
+        plgpu.wgmma(st_ref, my_k, q_tile.transpose((1, 0)))
+        plgpu.wgmma(dpt_ref, my_v, do_tile.transpose((1, 0)))
+        s_t = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)  # dP^T still runs under the exponentials
+        if masked:
+          plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
+          s_t = s_t + _bias(bias_smem.at[slot, wg])
+        plgpu.barrier_wait(lse_bar.at[slot])
+        lse2 = _col_vector(lse_smem.at[slot])
+        p_t = jnp.exp2(s_t * st.scale2 - lax.broadcast_in_dim(lse2, (bk, bq), [1]))
+        plgpu.wgmma(dv_ref, _lhs(p_t.astype(st.dtype), p_stage), do_tile)
+        # Awaiting dV with dP^T frees P^T's registers before dS^T (the flash backward's await_dv).
+        dp_t = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=0)
+        plgpu.barrier_wait(delta_bar.at[slot])
+        delta = _col_vector(delta_smem.at[slot])
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+        plgpu.wgmma(dk_ref, _lhs(ds_t.astype(st.dtype), ds_stage), q_tile)
+
+      pl.run_scoped(tile, plgpu.ACC((bk, bq), jnp.float32), plgpu.ACC((bk, bq), jnp.float32))
+      plgpu.wgmma_wait(0)  # the slot may be refilled only once every wgmma has read it
+      plgpu.barrier_arrive(consumed.at[slot])
+      return index + 1
+
+    def accumulate(dk_ref, dv_ref):
+      def per_head(g, index):
+        _, _, num_full, count = head_list(g)
+        body = functools.partial(step, dk_ref=dk_ref, dv_ref=dv_ref)
+        index = lax.fori_loop(0, num_full, functools.partial(body, masked=False), index)
+        return lax.fori_loop(num_full, count, functools.partial(body, masked=True), index)
+
+      lax.fori_loop(0, st.group, per_head, jnp.int32(0))
+      return dk_ref[...], dv_ref[...]
+
+    acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
+    dk, dv = pl.run_scoped(accumulate, acc, acc)
+    # K and V are no longer read (every wgmma has been awaited), so their buffers stage the outputs.
+    my_k[...] = (dk * st.sm_scale).astype(st.dtype)
+    my_v[...] = dv.astype(st.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(my_k, dk_ref.at[my_rows], commit_group=False)
+    plgpu.copy_smem_to_gmem(my_v, dv_ref.at[my_rows], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _WGS)
+  def _producer():
+    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+
+    def per_head(g, index):
+      head, mask_head, num_full, count = head_list(g)
+
+      def fetch(n, index):
+        slot = lax.rem(index, stages)
+        entry, part = lax.div(n, row_steps), lax.rem(n, row_steps)
+        rows = pl.ds(blocks_ref[mask_head, key_tile, entry] * MASK_BLOCK_Q + part * bq, bq)
+
+        @pl.when(index >= stages)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], delta_bar.at[slot])
+
+        @pl.when(n >= num_full)
+        def _():
+          tile = tile_ids_ref[mask_head, key_tile, entry]
+          for w in range(_WGS):
+            plgpu.copy_gmem_to_smem(bias_t_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
+                                    bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+        return index + 1
+
+      return lax.fori_loop(0, count, fetch, index)
+
+    total = lax.fori_loop(0, st.group, per_head, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(index):  # observe the last releases, so the producer ends having seen every phase of `consumed`
+      plgpu.barrier_wait(consumed.at[lax.rem(index, stages)])
+
+
+def _barriers(count: int, num: int):
+  return tuple(plgpu.Barrier(num_barriers=num) for _ in range(count))
+
+
+def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: float, per_head_mask: bool,
+             config: Config | None = None, interpret: bool = False):
+  """Gradients of block-sparse attention from the forward's residuals.
+
+  Args:
+    q, o, do: [B, T, H, D] bf16/fp16; k, v: [B, S, Hkv, D]; T and S multiples of 128.
+    lse: [B, H, T] fp32 natural-log log-sum-exp (-inf on rows that attend nothing).
+    lists, transposed_lists: the mask's visit lists as int32 arrays (`BlockMask.lists`, `.transposed_lists`).
+    bias: [NT, 128, 128] additive element masks in q's dtype (`mosaic_gpu.bias_tiles`).
+    interpret: run the kernels in Mosaic GPU interpret mode (CPU).
+
+  Returns:
+    dq [B, T, H, D], dk, dv [B, S, Hkv, D] in q's dtype.
+  """
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  config = config or Config()
+  if reasons := unsupported_reasons(q, bias.shape[1], bias.shape[2], None):
+    raise ValueError(f"mosaic_gpu_bwd.backward does not support {', '.join(reasons)}")
+  if t % MASK_BLOCK_Q or s % MASK_BLOCK_K:
+    raise ValueError(f"T={t} and S={s} must be multiples of {MASK_BLOCK_Q}")
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  # Base 2 for the kernels; +inf on rows that attend nothing makes their probabilities exactly 0.
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E).astype(jnp.float32)
+  # 128 keys a step at D = 64; at D = 128, S and dP of 128 keys next to dQ would not fit the registers.
+  st = _Static(sm_scale=sm_scale, group=h // hkv, per_head_mask=per_head_mask, head_dim=d,
+               key_step=128 if d <= 64 else 64, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret)
+  params = dict(num_threads=_WGS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                interpret=plgpu.InterpretGPUParams() if interpret else None)
+  args = (q, k, v, do, lse2, delta)
+
+  stages, bk = config.num_stages_dq, st.key_step
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, st=st),
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_types=[
+          (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
+           plgpu.SMEM((_WGS, _ROWS), jnp.float32), plgpu.SMEM((_WGS, _ROWS), jnp.float32),
+           _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
+           _tile_smem((stages, _WGS, _ROWS, bk), q.dtype),
+           *((_tile_smem((_WGS, _ROWS, bk), q.dtype),) if interpret else ())),
+          (*_barriers(4, _WGS), *_barriers(2, stages), plgpu.Barrier(num_barriers=stages * _WGS),
+           plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
+      ],
+      grid=(t // MASK_BLOCK_Q, h, b),
+      grid_names=("tiles", "heads", "batch"),
+      **params,
+  )(*lists, bias, *args)
+
+  stages = config.num_stages_dkv
+  bias_t = jnp.swapaxes(bias, 1, 2)  # [NT, keys, queries]: the dk/dv kernel's S^T orientation
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkv_kernel, st=st),
+      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_types=[
+          (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
+           _tile_smem((stages, _ROWS, d), q.dtype), _tile_smem((stages, _ROWS, d), q.dtype),
+           plgpu.SMEM((stages, _ROWS), jnp.float32), plgpu.SMEM((stages, _ROWS), jnp.float32),
+           _tile_smem((stages, _WGS, _ROWS, _ROWS), q.dtype),
+           *((_tile_smem((_WGS, _ROWS, _ROWS), q.dtype),) * 2 if interpret else ())),
+          (*_barriers(2, _WGS), *_barriers(4, stages), plgpu.Barrier(num_barriers=stages * _WGS),
+           plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
+      ],
+      grid=(s // MASK_BLOCK_K, hkv, b),
+      grid_names=("tiles", "heads", "batch"),
+      **params,
+  )(*transposed_lists, bias_t, *args)
+  return dq, dk, dv
