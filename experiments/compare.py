@@ -52,29 +52,33 @@ from experiments.trainer import NonFiniteLossError, create, evaluate, train_and_
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  """The command line; defined only when run as a script, so tests can import this module beside other scripts."""
-  flags.DEFINE_string("task", "listops", "Task config in experiments/configs/.")
-  flags.DEFINE_list("variants", [], "Variants to train (default: every registered one).")
-  flags.DEFINE_list("seeds", ["0"], "Seeds per variant (parameters, dropout and data order).")
-  flags.DEFINE_multi_string("set", [], "Config override section.field=value for every run; repeatable.")
-  flags.DEFINE_string("sweep", "", "One config field and its values, e.g. task.train_seq_len=64,128,256.")
-  flags.DEFINE_list("eval_lengths", [], "Extra test lengths (sets task.test_seq_len) per trained model.")
-  flags.DEFINE_string("workdir", "workdir/compare", "Root of the runs' workdirs.")
-  flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.")
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command line, in `flag_values` (main reads FLAGS); defined only when run as a script, so tests can import
+  this module beside other scripts (a test may define them in a FlagValues of its own and run main in-process)."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("task", "listops", "Task config in experiments/configs/.", **define)
+  flags.DEFINE_list("variants", [], "Variants to train (default: every registered one).", **define)
+  flags.DEFINE_list("seeds", ["0"], "Seeds per variant (parameters, dropout and data order).", **define)
+  flags.DEFINE_multi_string("set", [], "Config override section.field=value for every run; repeatable.", **define)
+  flags.DEFINE_string("sweep", "", "One config field and its values, e.g. task.train_seq_len=64,128,256.", **define)
+  flags.DEFINE_list("eval_lengths", [], "Extra test lengths (sets task.test_seq_len) per trained model.", **define)
+  flags.DEFINE_string("workdir", "workdir/compare", "Root of the runs' workdirs.", **define)
+  flags.DEFINE_string("out_dir", "benchmarks/results", "Where the table goes.", **define)
   flags.DEFINE_integer("parallel_gpus", 1, "Runs at a time, each in its own process on one local GPU "
-                       "(CUDA_VISIBLE_DEVICES); the table merges them. 1: one after another in this process.")
+                       "(CUDA_VISIBLE_DEVICES); the table merges them. 1: one after another in this process.", **define)
   flags.DEFINE_integer("runs_per_gpu", 1, "With --parallel_gpus: worker processes per GPU (small models leave a "
                        "GPU idle between their kernel launches, which other processes fill). Each worker gets "
-                       "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.")
+                       "1/runs_per_gpu of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is set.", **define)
   flags.DEFINE_string("claim_dir", "", "Set by --parallel_gpus for its worker processes: a worker takes the next "
-                      "planned run nobody has claimed in this folder, so a slow run never holds up a queue of others.")
+                      "planned run nobody has claimed in this folder, so a slow run never holds up a queue of others.",
+                      **define)
   flags.DEFINE_bool("retry_failed", False, "With --merge_from: runs that failed in those tables (an error status) "
-                    "are run again instead of counting as done, and their new results replace the failures.")
+                    "are run again instead of counting as done, and their new results replace the failures.", **define)
   flags.DEFINE_bool("merge_only", False, "With --merge_from: write the merged table without running what is "
-                    "missing; the table lists the planned runs that have no result as not run.")
+                    "missing; the table lists the planned runs that have no result as not run.", **define)
   flags.DEFINE_list("merge_from", [], "compare_<task>.json files of earlier comparisons of the same task, overrides "
-                    "and sweep on the same device: their runs count as done (not run again) and join the table.")
+                    "and sweep on the same device: their runs count as done (not run again) and join the table.",
+                    **define)
 
 
 # Long Range Arena (Tay et al., 2021), Table 1, ListOps test accuracy (%), by our variant names; "S4" is the

@@ -50,31 +50,34 @@ from experiments.cli import literal
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-  """The command line; defined only when run as a script, so tests can import this module beside other scripts."""
-  flags.DEFINE_string("out_dir", "benchmarks/results", "Where scaling.{json,md,png} go.")
-  flags.DEFINE_list("variants", [], "Variants to measure (default: every registered one).")
-  flags.DEFINE_list("lengths", [str(2**p) for p in range(10, 18)], "Sequence lengths, ascending (default 1K to 128K).")
-  flags.DEFINE_integer("width", 512, "Model width C.")
-  flags.DEFINE_integer("num_layers", 4, "Residual blocks.")
-  flags.DEFINE_integer("num_heads", 8, "Attention heads.")
-  flags.DEFINE_integer("batch_size", 1, "Sequences per step.")
-  flags.DEFINE_integer("vocab_size", 256, "Token vocabulary (bytes).")
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).")
-  flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).")
-  flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.")
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command line, in `flag_values` (main reads FLAGS); defined only when run as a script, so tests can import
+  this module beside other scripts (a test may define them in a FlagValues of its own and run main in-process)."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("out_dir", "benchmarks/results", "Where scaling.{json,md,png} go.", **define)
+  flags.DEFINE_list("variants", [], "Variants to measure (default: every registered one).", **define)
+  flags.DEFINE_list("lengths", [str(2**p) for p in range(10, 18)], "Sequence lengths, ascending (default 1K to 128K).",
+                    **define)
+  flags.DEFINE_integer("width", 512, "Model width C.", **define)
+  flags.DEFINE_integer("num_layers", 4, "Residual blocks.", **define)
+  flags.DEFINE_integer("num_heads", 8, "Attention heads.", **define)
+  flags.DEFINE_integer("batch_size", 1, "Sequences per step.", **define)
+  flags.DEFINE_integer("vocab_size", 256, "Token vocabulary (bytes).", **define)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay fp32).", **define)
+  flags.DEFINE_integer("iters", 10, "Timed steps per length (median reported).", **define)
+  flags.DEFINE_float("max_step_s", 5.0, "Stop a variant after a step slower than this.", **define)
   flags.DEFINE_integer("longest_bisect", 0, "After a variant's timed lengths, search the longest T whose compiled "
                        "step fits the device (doubling past the last length that ran, then this many bisection steps; "
-                       "compile only, nothing runs). 0: no search.")
-  flags.DEFINE_integer("longest_max", 1 << 22, "Upper end of the longest-T search.")
+                       "compile only, nothing runs). 0: no search.", **define)
+  flags.DEFINE_integer("longest_max", 1 << 22, "Upper end of the longest-T search.", **define)
   flags.DEFINE_float("memory_limit_gib", 0.0, "Device memory the search measures against (0: the device's own "
-                     "allocator limit; CPU devices report none, so tests set one).")
+                     "allocator limit; CPU devices report none, so tests set one).", **define)
   flags.DEFINE_list("merge_from", [], "Earlier scaling.json files whose variants are taken as measured "
-                    "(same model and lengths); only the other variants run.")
+                    "(same model and lengths); only the other variants run.", **define)
   flags.DEFINE_list("remeasure", [], "Variants of this run whose rows in the --merge_from files are dropped, so "
-                    "they are measured again.")
+                    "they are measured again.", **define)
   flags.DEFINE_multi_string(
-      "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.")
+      "option", [], "Per-variant mixer option, variant.field=value (e.g. full.impl=cudnn); repeatable.", **define)
 
 
 @dataclasses.dataclass(frozen=True)

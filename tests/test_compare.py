@@ -2,14 +2,13 @@
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from experiments import compare, compare_plot
 from experiments.cli import literal
+from tests.helpers import run_script_main
 
 
 def test_overrides_parse_and_reject_unknown_fields():
@@ -73,15 +72,18 @@ def test_workers_use_the_visible_gpus():
     compare.gpu_ids(3, "2,3")
 
 
-def test_parallel_workers_run_every_planned_run_once(tmp_path):
+def test_parallel_workers_run_every_planned_run_once(tmp_path, monkeypatch):
   """Two worker processes share three tiny runs; the merged table has each run once, in the planned order."""
   tiny = ["task.num_train=32", "task.num_valid=8", "task.num_test=8", "task.train_seq_len=16", "task.test_seq_len=16",
-          "train.num_steps=2", "train.eval_every=2", "train.batch_size=4", "train.eval_batch_size=4"]
+          "train.num_steps=2", "train.eval_every=2", "train.batch_size=4", "train.eval_batch_size=4",
+          "model.num_layers=1"]
   out = tmp_path / "out"
-  subprocess.run([sys.executable, "-m", "experiments.compare", "--task=induction_heads", "--variants=full,linear,mamba",
-                  *(f"--set={item}" for item in tiny), "--parallel_gpus=1", "--runs_per_gpu=2",
-                  f"--workdir={tmp_path / 'runs'}", f"--out_dir={out}"],
-                 check=True, capture_output=True, env={**os.environ, "EFFICIENT_ATTENTION_CACHE": str(tmp_path / "cache")})
+  args = ["--task=induction_heads", "--variants=full,linear,mamba", *(f"--set={item}" for item in tiny),
+          "--parallel_gpus=1", "--runs_per_gpu=2", f"--workdir={tmp_path / 'runs'}", f"--out_dir={out}"]
+  # The parent runs in this process; it starts the workers with its command line, as `python -m experiments.compare`.
+  monkeypatch.setattr(sys, "argv", ["experiments.compare", *args])
+  monkeypatch.setenv("EFFICIENT_ATTENTION_CACHE", str(tmp_path / "cache"))
+  run_script_main(compare, monkeypatch, *args)
   rows = json.loads((out / "compare_induction_heads.json").read_text())["rows"]
   assert [(row["variant"], row["status"], row["step"]) for row in rows] == [
       ("full", "ok", 2), ("linear", "ok", 2), ("mamba", "ok", 2)]
@@ -143,11 +145,13 @@ def test_a_length_that_failed_on_the_device_is_marked_apart_from_lengths_a_model
   assert compare.runs_from_rows(rows) == runs
 
 
-def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(tmp_path):
+def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(tmp_path, monkeypatch):
   part = _table_file(tmp_path / "part.json", [compare.Run("full", 0, None, "ok", 10, 0.36)])
   out = tmp_path / "out"
-  subprocess.run([sys.executable, "-m", "experiments.compare", "--task=listops", "--variants=full,mamba",
-                  f"--merge_from={part}", "--merge_only", f"--out_dir={out}"], check=True, capture_output=True)
+  # main in this process, with the flags as the command line gives them (a merge compiles nothing: a new process
+  # would spend its time starting).
+  script = lambda *args: run_script_main(compare, monkeypatch, "--task=listops", "--variants=full,mamba", *args)
+  script(f"--merge_from={part}", "--merge_only", f"--out_dir={out}")
   table = (out / "compare_listops.md").read_text()
   assert "| full | 1/1 | 36.00 | 36.37 |" in table
   assert "- mamba seed 0: not run" in table
@@ -156,9 +160,7 @@ def test_merge_only_writes_the_merged_table_and_names_the_runs_without_results(t
   failed = _table_file(tmp_path / "failed.json", [compare.Run("full", 0, None, "ok", 10, 0.36),
                                                   compare.Run("mamba", 0, None, "error: diverged")])
   for retry, expected in ((False, "- mamba seed 0: error: diverged"), (True, "- mamba seed 0: not run")):
-    subprocess.run([sys.executable, "-m", "experiments.compare", "--task=listops", "--variants=full,mamba",
-                    f"--merge_from={failed}", "--merge_only", f"--retry_failed={retry}", f"--out_dir={out}"],
-                   check=True, capture_output=True)
+    script(f"--merge_from={failed}", "--merge_only", f"--retry_failed={retry}", f"--out_dir={out}")
     assert expected in (out / "compare_listops.md").read_text()
 
 

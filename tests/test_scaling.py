@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from experiments import scaling
+from tests.helpers import run_script_main
 
 
 def test_parse_options_reads_literals_and_rejects_malformed():
@@ -31,16 +32,17 @@ def test_sweep_stops_after_the_first_length_that_does_not_fit():
   assert [r.status for r in rows] == ["ok", "ok", "slow"]
 
 
-def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path):
-  common = [sys.executable, "-m", "experiments.scaling", "--lengths=16,32", "--width=32", "--num_layers=1",
-            "--num_heads=2", "--iters=2"]
+def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path, monkeypatch):
+  common = ["--lengths=16,32", "--width=32", "--num_layers=1", "--num_heads=2", "--iters=2"]
   first = tmp_path / "first"
-  # With a compile-only search past the timed lengths, up to --longest_max.
-  subprocess.run([*common, "--variants=full", f"--out_dir={first}", "--longest_bisect=1", "--longest_max=64",
-                  "--memory_limit_gib=1"], check=True, capture_output=True, text=True, timeout=300)
-  # A second run measures only mamba and takes full's rows from the first (the split-over-GPUs workflow).
-  subprocess.run([*common, "--variants=mamba", f"--merge_from={first / 'scaling.json'}", f"--out_dir={tmp_path}"],
+  # The command line end to end, with a compile-only search past the timed lengths, up to --longest_max.
+  subprocess.run([sys.executable, "-m", "experiments.scaling", *common, "--variants=full", f"--out_dir={first}",
+                  "--longest_bisect=1", "--longest_max=64", "--memory_limit_gib=1"],
                  check=True, capture_output=True, text=True, timeout=300)
+  # The later runs call main in this process with the same flags: no interpreter start and jax import each.
+  script = lambda *args: run_script_main(scaling, monkeypatch, *common, *args)
+  # A second run measures only mamba and takes full's rows from the first (the split-over-GPUs workflow).
+  script("--variants=mamba", f"--merge_from={first / 'scaling.json'}", f"--out_dir={tmp_path}")
   results = json.loads((tmp_path / "scaling.json").read_text())
   assert results["environment"]["device"]
   rows = {(r["variant"], r["seq_len"]): r for r in results["rows"]}
@@ -56,16 +58,14 @@ def test_script_writes_json_markdown_and_plot_and_merges_an_earlier_run(tmp_path
     assert (tmp_path / "scaling.png").stat().st_size > 0
   # A merge with --longest_bisect searches the merged variant that has no search yet (mamba), not full again.
   searched = tmp_path / "searched"
-  subprocess.run([*common, "--variants=full,mamba", f"--merge_from={tmp_path / 'scaling.json'}",
-                  f"--out_dir={searched}", "--longest_bisect=1", "--longest_max=64", "--memory_limit_gib=1"],
-                 check=True, capture_output=True, text=True, timeout=300)
+  script("--variants=full,mamba", f"--merge_from={tmp_path / 'scaling.json'}", f"--out_dir={searched}",
+         "--longest_bisect=1", "--longest_max=64", "--memory_limit_gib=1")
   rows = json.loads((searched / "scaling.json").read_text())["rows"]
   assert [(r["variant"], r["seq_len"], r["status"]) for r in rows if r["status"] in scaling.SEARCHED] == [
       ("full", 64, "fits"), ("mamba", 64, "fits")]
   # Two files that repeat the same earlier rows merge without duplicates.
-  merged_files = f"--merge_from={searched / 'scaling.json'},{tmp_path / 'scaling.json'}"
-  subprocess.run([*common, "--variants=full,mamba", merged_files,
-                  f"--out_dir={tmp_path / 'merged'}"], check=True, capture_output=True, text=True, timeout=300)
+  script("--variants=full,mamba", f"--merge_from={searched / 'scaling.json'},{tmp_path / 'scaling.json'}",
+         f"--out_dir={tmp_path / 'merged'}")
   merged = json.loads((tmp_path / "merged" / "scaling.json").read_text())["rows"]
   assert merged == rows
 
