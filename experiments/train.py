@@ -49,46 +49,60 @@ def _unknown_override(error: Exception) -> str:
   return f"error: a --config override names no field of the config: {text}"
 
 
-_TASK = flags.DEFINE_string(
-    "task", DEFAULT_TASK, f"Task config in experiments/configs/: one of {', '.join(configs.config_names())}."
-)
-try:
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config",
-      _default_config(sys.argv),
-      "Config file with get_config(); default: experiments/configs/<task>.py. Override fields with "
-      "--config.<section>.<field>=value, e.g. --config.model.num_layers=4.",
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None) -> None:
+  """The command line, in `flag_values` (main reads FLAGS); --config's default and the --config.* overrides it
+  defines come from `argv` (None: sys.argv, as the script runs). Defined only when run as a script: a test may
+  define them in a FlagValues of its own, for its own argv, and run main in-process."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string(
+      "task", DEFAULT_TASK, f"Task config in experiments/configs/: one of {', '.join(configs.config_names())}.",
+      **define,
   )
-except (AttributeError, KeyError) as error:
-  # The default config and its --config.* overrides are parsed right here, at definition; an override
-  # naming no field of the config fails before absl could report it.
-  sys.exit(_unknown_override(error))
-_VARIANT = flags.DEFINE_string(
-    "variant", None, f"Sequence mixer, overriding config.model.variant: one of {', '.join(variant_names())}."
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None,
-    "Output directory (metrics, checkpoints, config); default ./workdir/<config name>-<variant>-s<seed>.",
-)
-_SEED = flags.DEFINE_integer("seed", None, "Overrides config.seed (parameters, dropout and data order).")
-_MESH = flags.DEFINE_string(
-    "mesh", None,
-    "Device mesh, overriding config.train.mesh: e.g. data:2,sequence:2 (ring attention / sequence-parallel scans "
-    "over `sequence`); sizes multiply to the device count, and one may be -1.",
-)
-_FSDP = flags.DEFINE_bool("fsdp", None, "Overrides config.train.fsdp: shard parameters and optimizer state over "
-                          "every device.")
-_EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir without training.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: host:port of process 0; calls jax.distributed.initialize."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+  try:
+    config_flags.DEFINE_config_file(
+        "config",
+        _default_config(sys.argv if argv is None else argv),
+        "Config file with get_config(); default: experiments/configs/<task>.py. Override fields with "
+        "--config.<section>.<field>=value, e.g. --config.model.num_layers=4.",
+        sys_argv=argv,
+        **define,
+    )
+  except (AttributeError, KeyError) as error:
+    # The default config and its --config.* overrides are parsed right here, at definition; an override
+    # naming no field of the config fails before absl could report it.
+    sys.exit(_unknown_override(error))
+  flags.DEFINE_string(
+      "variant", None, f"Sequence mixer, overriding config.model.variant: one of {', '.join(variant_names())}.",
+      **define,
+  )
+  flags.DEFINE_string(
+      "workdir", None,
+      "Output directory (metrics, checkpoints, config); default ./workdir/<config name>-<variant>-s<seed>.",
+      **define,
+  )
+  flags.DEFINE_integer("seed", None, "Overrides config.seed (parameters, dropout and data order).", **define)
+  flags.DEFINE_string(
+      "mesh", None,
+      "Device mesh, overriding config.train.mesh: e.g. data:2,sequence:2 (ring attention / sequence-parallel scans "
+      "over `sequence`); sizes multiply to the device count, and one may be -1.",
+      **define,
+  )
+  flags.DEFINE_bool("fsdp", None, "Overrides config.train.fsdp: shard parameters and optimizer state over "
+                    "every device.", **define)
+  flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir without training.", **define)
+  flags.DEFINE_string(
+      "coordinator_address", None, "Multi-host: host:port of process 0; calls jax.distributed.initialize.", **define
+  )
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", **define)
+  flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.", **define)
 
 
 def _run_name(config) -> str:
   """<config>-<variant>-s<seed>, where <config> is the config file's name (and its argument, if any)."""
-  path, _, argument = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+  path, _, argument = config_flags.get_config_filename(FLAGS["config"]).partition(":")
   source = "-".join(filter(None, (Path(path).stem, argument)))
   model = config.model.layer_pattern.replace(",", "+") or config.model.variant
   return f"{source}-{model}-s{config.seed}"
@@ -104,28 +118,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _TASK.value not in configs.config_names():
-    raise app.UsageError(f"--task={_TASK.value!r} is not valid; choose one of {', '.join(configs.config_names())}")
-  if _VARIANT.value is not None and _VARIANT.value not in variant_names():
-    raise app.UsageError(f"--variant={_VARIANT.value!r} is not valid; choose one of {', '.join(variant_names())}")
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if FLAGS.task not in configs.config_names():
+    raise app.UsageError(f"--task={FLAGS.task!r} is not valid; choose one of {', '.join(configs.config_names())}")
+  if FLAGS.variant is not None and FLAGS.variant not in variant_names():
+    raise app.UsageError(f"--variant={FLAGS.variant!r} is not valid; choose one of {', '.join(variant_names())}")
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   quiet_orbax_logs()
-  config = _CONFIG.value
+  config = FLAGS.config
   with config.unlocked():
-    if _VARIANT.value is not None:
-      config.model.variant = _VARIANT.value
-    if _SEED.value is not None:
-      config.seed = _SEED.value
-    if _MESH.value is not None:
-      config.train.mesh = _MESH.value
-    if _FSDP.value is not None:
-      config.train.fsdp = _FSDP.value
-  workdir = _WORKDIR.value or f"workdir/{_run_name(config)}"
+    if FLAGS.variant is not None:
+      config.model.variant = FLAGS.variant
+    if FLAGS.seed is not None:
+      config.seed = FLAGS.seed
+    if FLAGS.mesh is not None:
+      config.train.mesh = FLAGS.mesh
+    if FLAGS.fsdp is not None:
+      config.train.fsdp = FLAGS.fsdp
+  workdir = FLAGS.workdir or f"workdir/{_run_name(config)}"
   logging.info("workdir: %s", workdir)
   try:
-    results = train_and_evaluate(config, workdir, eval_only=_EVAL_ONLY.value)
+    results = train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only)
   except (ValueError, NonFiniteLossError) as error:
     logging.debug("stopped", exc_info=True)
     raise SystemExit(f"error: {error}") from None
@@ -137,4 +151,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -15,9 +15,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from flax import nnx
 
 from efficient_attention import Decoder, DecoderConfig, config_class, variant_names
+from experiments import train
 from experiments.checkpoint import Checkpointer
 from experiments.configs import listops_small
 from experiments.metrics import read_metrics
@@ -66,10 +68,22 @@ def tiny_cli_args(workdir: Path, **train) -> list[str]:
   ]
 
 
+def run_cli_in_process(*args: str, cache_dir: Path, monkeypatch) -> None:
+  """`python -m experiments.train *args` in this process (its flags parsed from the same command line into a
+  FlagValues of their own): no interpreter start, imports and compiles of what this worker compiled already."""
+  argv = ["experiments.train", *args, f"--config.cache_dir={cache_dir}"]
+  values = flags.FlagValues()
+  train.define_flags(values, argv)
+  values(argv)
+  monkeypatch.setattr(train, "FLAGS", values)
+  train.main(argv[:1])
+
+
 @pytest.mark.parametrize("variant", variant_names())
-def test_cli_trains_every_variant(variant, tmp_path, cache_dir):
-  result = run_cli(f"--variant={variant}", *tiny_cli_args(tmp_path, num_steps=2), cache_dir=cache_dir)
-  assert "final metrics at step 2" in result.stdout
+def test_cli_trains_every_variant(variant, tmp_path, cache_dir, monkeypatch, capsys):
+  run_cli_in_process(f"--variant={variant}", *tiny_cli_args(tmp_path, num_steps=2), cache_dir=cache_dir,
+                     monkeypatch=monkeypatch)
+  assert "final metrics at step 2" in capsys.readouterr().out
   resolved = json.loads((tmp_path / "config.json").read_text())
   assert resolved["decoder"]["variant"] == variant
   assert resolved["decoder"]["causal"] == (not config_class(variant).supports_bidirectional)
