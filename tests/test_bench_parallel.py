@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def _bench(*args, devices=1, check=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  # The suite's own XLA flags (tests/conftest.py: fast CPU compiles) with this run's device count.
+  xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+               if not flag.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, XLA_FLAGS=" ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"]),
+             JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "experiments.bench.parallel", "--width=32", "--num_layers=1",
                          "--num_heads=2", "--start_len=1024", "--max_len=1024", "--bisect=0", *args],
                         env=env, check=check, capture_output=True, text=True, timeout=600)
