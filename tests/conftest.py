@@ -19,6 +19,12 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+  # Tests marked slow run first within their module (a stable sort: the order is otherwise kept, and each module's
+  # tests stay together). The module's quick tests then come last, the suite's last module included, so pytest-xdist's
+  # workers run out of tests at about the same time instead of one idling while the other finishes a long run.
+  modules = {}
+  module_index = lambda item: modules.setdefault(item.nodeid.split("::")[0], len(modules))
+  items.sort(key=lambda item: (module_index(item), "slow" not in item.keywords))
   if _has_gpu():
     return
   skip = pytest.mark.skip(reason="needs a CUDA GPU (run on an H100/H200 with `pytest -m gpu`)")

@@ -94,6 +94,7 @@ def test_cli_trains_every_variant(variant, tmp_path, cache_dir, monkeypatch, cap
   assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_beats_majority_with_bf16_compute(tmp_path, cache_dir):
   config = tiny_config(cache_dir, num_steps=150, log_every=50, eval_every=150, checkpoint_every=150)
   config.train.learning_rate = 3e-3
@@ -106,6 +107,7 @@ def test_loss_falls_and_beats_majority_with_bf16_compute(tmp_path, cache_dir):
   assert results["test"]["accuracy"] > max(0.3, results["majority_baseline_accuracy"] + 0.15), results
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir):
   args = dict(num_steps=40, checkpoint_every=5, eval_every=20, log_every=5)
   reference = tmp_path / "reference"
@@ -214,6 +216,7 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_data_parallel_runs_match_one_device(tmp_path, cache_dir):
   """Two forced host devices in one process, and two processes joined by jax.distributed, train like one device."""
   single = train_and_evaluate(tiny_config(cache_dir, num_steps=2), tmp_path / "one")
