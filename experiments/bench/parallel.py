@@ -36,24 +36,34 @@ from experiments.configs.common import base_config
 from experiments.data import shard_batch
 from experiments.trainer import create, train_step
 
-_OUT = flags.DEFINE_string("out", "benchmarks/results", "Directory the JSON and markdown go to.")
-_VARIANT = flags.DEFINE_string("variant", "flash", "Sequence mixer of every layer.")
-_WIDTH = flags.DEFINE_integer("width", 1024, "Model width C.")
-_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
-_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads (head_dim = width / heads).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Part 1: sequence length.")
-_BATCH_PER_DEVICE = flags.DEFINE_integer("batch_per_device", 8, "Part 1: sequences per device.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Part 1: timed steps per mesh (median reported).")
-_DEVICES = flags.DEFINE_list("devices", [], "Device counts to measure; default 1, 2, 4, ... up to all devices.")
-_START_LEN = flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence length tried on 1 device.")
-_BISECT = flags.DEFINE_integer("bisect", 3, "Part 2: bisection steps after the first failing length.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.")
-_REMAT = flags.DEFINE_bool("remat", False, "Gradient checkpointing per block (DecoderConfig.remat) in both parts.")
-_FSDP = flags.DEFINE_bool("fsdp", False, "Both parts: parameters and optimizer state split over every device "
-                          "(train.fsdp) instead of a full copy per device.")
-_PARTS = flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.")
-_MERGE_FROM = flags.DEFINE_list("merge_from", [], "parallel.json files of runs split over processes (say, one "
-                                "device count each, side by side): their rows join this run's in one table.")
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command line, in `flag_values` (the rest of this module reads FLAGS); defined only when run as a script, so
+  tests can import this module beside other scripts (a test may define them in a FlagValues of its own and run main
+  in-process)."""
+  define = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", "benchmarks/results", "Directory the JSON and markdown go to.", **define)
+  flags.DEFINE_string("variant", "flash", "Sequence mixer of every layer.", **define)
+  flags.DEFINE_integer("width", 1024, "Model width C.", **define)
+  flags.DEFINE_integer("num_layers", 4, "Decoder layers.", **define)
+  flags.DEFINE_integer("num_heads", 8, "Attention heads (head_dim = width / heads).", **define)
+  flags.DEFINE_integer("seq_len", 2048, "Part 1: sequence length.", **define)
+  flags.DEFINE_integer("batch_per_device", 8, "Part 1: sequences per device.", **define)
+  flags.DEFINE_integer("iters", 20, "Part 1: timed steps per mesh (median reported).", **define)
+  flags.DEFINE_list("devices", [], "Device counts to measure; default 1, 2, 4, ... up to all devices.", **define)
+  flags.DEFINE_integer("start_len", 32768, "Part 2: first sequence length tried on 1 device.", **define)
+  flags.DEFINE_integer("bisect", 3, "Part 2: bisection steps after the first failing length.", **define)
+  flags.DEFINE_integer("max_len", 1 << 22, "Part 2: stop doubling here.", **define)
+  flags.DEFINE_bool("remat", False, "Gradient checkpointing per block (DecoderConfig.remat) in both parts.", **define)
+  flags.DEFINE_bool("fsdp", False, "Both parts: parameters and optimizer state split over every device "
+                    "(train.fsdp) instead of a full copy per device.", **define)
+  flags.DEFINE_list("parts", ["throughput", "longest"], "Which parts to run.", **define)
+  flags.DEFINE_list("merge_from", [], "parallel.json files of runs split over processes (say, one "
+                    "device count each, side by side): their rows join this run's in one table.", **define)
+
+
 # Part 2 runs a step only if its compiled memory analysis needs at most this share of the device's memory:
 # the allocator also needs room for fragmentation, and a step that runs out mid-way hangs the other devices.
 _HEADROOM = 0.95
@@ -63,16 +73,16 @@ _VOCAB = 256
 
 def _model_config(max_len: int) -> DecoderConfig:
   return DecoderConfig(
-      vocab_size=_VOCAB, width=_WIDTH.value, num_layers=_LAYERS.value, num_heads=_HEADS.value,
-      variant=_VARIANT.value, position="rope", max_len=max_len, mlp_ratio=4.0, dtype="bfloat16",
-      param_dtype="float32", remat=_REMAT.value,
+      vocab_size=_VOCAB, width=FLAGS.width, num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads,
+      variant=FLAGS.variant, position="rope", max_len=max_len, mlp_ratio=4.0, dtype="bfloat16",
+      param_dtype="float32", remat=FLAGS.remat,
   )
 
 
 def _train_config(batch_size: int):
   train = base_config().train
   train.batch_size = batch_size
-  train.fsdp = _FSDP.value
+  train.fsdp = FLAGS.fsdp
   return train
 
 
@@ -96,10 +106,10 @@ def throughput(devices: list[int]) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
   for n in devices:
-    batch = _BATCH_PER_DEVICE.value * n
+    batch = FLAGS.batch_per_device * n
     try:
-      mesh, model, optimizer = _setup(n, f"data:{n},sequence:1", batch, _SEQ_LEN.value)
-      batches = [shard_batch(_batch(rng, batch, _SEQ_LEN.value), mesh) for _ in range(3)]
+      mesh, model, optimizer = _setup(n, f"data:{n},sequence:1", batch, FLAGS.seq_len)
+      batches = [shard_batch(_batch(rng, batch, FLAGS.seq_len), mesh) for _ in range(3)]
       key = jax.random.key(0)
       # As in the trainer: cached_partial skips nnx.jit's per-call graph traversal, which is not device work.
       step = nnx.cached_partial(train_step, model, optimizer)
@@ -107,13 +117,13 @@ def throughput(devices: list[int]) -> list[dict]:
         for i in range(3):
           jax.block_until_ready(step(batches[i % 3], key, 1.0))
         times = []
-        for i in range(_ITERS.value):
+        for i in range(FLAGS.iters):
           start = time.perf_counter()
           jax.block_until_ready(step(batches[i % 3], key, 1.0))
           times.append(time.perf_counter() - start)
       seconds = float(np.median(times))
-      rows.append({"devices": n, "global_batch": batch, "seq_len": _SEQ_LEN.value, "step_ms": seconds * 1e3,
-                   "tokens_per_sec": batch * _SEQ_LEN.value / seconds})
+      rows.append({"devices": n, "global_batch": batch, "seq_len": FLAGS.seq_len, "step_ms": seconds * 1e3,
+                   "tokens_per_sec": batch * FLAGS.seq_len / seconds})
       print(rows[-1], flush=True)
     except Exception:  # noqa: BLE001 - one failing mesh must not lose the others' rows
       traceback.print_exc()
@@ -171,12 +181,12 @@ def longest(devices: list[int]) -> list[dict]:
     # Ring zig-zag needs T divisible by 2n; a multiple of 1024 * n keeps kernel tiles whole too.
     unit = 1024 * n
     try:
-      start = base * n // devices[0] if base else _START_LEN.value
+      start = base * n // devices[0] if base else FLAGS.start_len
       seq_len = max(unit, start // unit * unit)
       good, bad = 0, None
       if _trains(n, seq_len):
         good = seq_len
-        while bad is None and good * 2 <= _MAX_LEN.value:
+        while bad is None and good * 2 <= FLAGS.max_len:
           if _trains(n, good * 2):
             good *= 2
           else:
@@ -189,7 +199,7 @@ def longest(devices: list[int]) -> list[dict]:
             good = candidate
           else:
             bad = candidate
-      for _ in range(_BISECT.value if bad and good else 0):
+      for _ in range(FLAGS.bisect if bad and good else 0):
         middle = (good + bad) // 2 // unit * unit
         if middle in (good, bad):
           break
@@ -256,26 +266,26 @@ def _table(throughput_rows: list[dict], longest_rows: list[dict], setting: str) 
 def main(argv):
   del argv
   available = jax.device_count()
-  devices = [int(d) for d in _DEVICES.value] or [n for n in (1, 2, 4, 8, 16) if n <= available]
+  devices = [int(d) for d in FLAGS.devices] or [n for n in (1, 2, 4, 8, 16) if n <= available]
   devices = [n for n in devices if n <= available]
-  measuring = any(part in _PARTS.value for part in ("throughput", "longest"))
+  measuring = any(part in FLAGS.parts for part in ("throughput", "longest"))
   if measuring:
     env = environment()
     env.update(device_count=available, mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"))
-  elif _MERGE_FROM.value:  # a merge only: the table is the files' (device, commit, memory fraction)
-    with open(_MERGE_FROM.value[0]) as f:
+  elif FLAGS.merge_from:  # a merge only: the table is the files' (device, commit, memory fraction)
+    with open(FLAGS.merge_from[0]) as f:
       env = {key: value for key, value in json.load(f)["environment"].items() if key != "setting"}
   else:
-    raise app.UsageError(f"--parts={','.join(_PARTS.value)} is not valid without --merge_from; choose from "
+    raise app.UsageError(f"--parts={','.join(FLAGS.parts)} is not valid without --merge_from; choose from "
                          "throughput, longest")
-  extras = "".join(text for on, text in ((_REMAT.value, ", gradient checkpointing per block"),
-                                          (_FSDP.value, ", parameters and optimizer state split over the devices "
+  extras = "".join(text for on, text in ((FLAGS.remat, ", gradient checkpointing per block"),
+                                          (FLAGS.fsdp, ", parameters and optimizer state split over the devices "
                                                         "(FSDP)")) if on)
-  setting = (f"variant {_VARIANT.value}, width {_WIDTH.value}, {_LAYERS.value} layers, {_HEADS.value} heads, bf16 "
-             f"compute / fp32 params, AdamW{extras}; throughput at T={_SEQ_LEN.value}, {_BATCH_PER_DEVICE.value} "
+  setting = (f"variant {FLAGS.variant}, width {FLAGS.width}, {FLAGS.num_layers} layers, {FLAGS.num_heads} heads, bf16 "
+             f"compute / fp32 params, AdamW{extras}; throughput at T={FLAGS.seq_len}, {FLAGS.batch_per_device} "
              f"sequences per device; longest T at batch 1, memory fraction {env['mem_fraction']}")
   try:
-    merged_throughput, merged_longest, env = _merged(_MERGE_FROM.value, {**env, "setting": setting})
+    merged_throughput, merged_longest, env = _merged(FLAGS.merge_from, {**env, "setting": setting})
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   throughput_rows, longest_rows = [], []
@@ -284,13 +294,13 @@ def main(argv):
     both = (_with_ratios(merged_throughput + throughput_rows, "tokens_per_sec", "speedup"),
             _with_ratios(merged_longest + longest_rows, "longest_seq_len", "vs_one_device"))
     rows = [{"part": "throughput", **r} for r in both[0]] + [{"part": "longest", **r} for r in both[1]]
-    write_results(_OUT.value, "parallel", env, rows, _table(*both, setting))
+    write_results(FLAGS.out, "parallel", env, rows, _table(*both, setting))
 
   # Written after each part, so a run stopped by a time limit keeps what it measured.
-  if "throughput" in _PARTS.value:
+  if "throughput" in FLAGS.parts:
     throughput_rows = throughput(devices)
     write()
-  if "longest" in _PARTS.value:
+  if "longest" in FLAGS.parts:
     longest_rows = longest(devices)
     write()
   if not measuring:
@@ -298,4 +308,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
