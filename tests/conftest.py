@@ -6,12 +6,6 @@ import os
 # passes makes it about a third faster and changes no result beyond rounding. Set before jax starts.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-# Under pytest-xdist the workers (and the processes their tests start) already keep every core busy compiling, so
-# XLA splitting each program's code into parts compiled on threads of their own only adds CPU time: one part per
-# program took about 15% less time for test_decoder and test_mixers_common run side by side on 2 cores, with
-# bitwise the same results (decoder gradients, the Pallas flash kernel).
-if os.environ.get("PYTEST_XDIST_WORKER") and "--xla_cpu_parallel_codegen_split_count" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_cpu_parallel_codegen_split_count=1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
