@@ -41,6 +41,7 @@ def test_trained_model_is_evaluated_at_other_lengths(tmp_path):
   config = compare.load_config("induction_heads")
   for field, value in {"num_train": 64, "num_valid": 16, "num_test": 16, "train_seq_len": 16, "test_seq_len": 16}.items():
     config.task[field] = value
+  config.model.num_layers = 1
   config.train.num_steps = 4
   config.train.eval_every = 4
   config.train.batch_size = 8
