@@ -19,7 +19,7 @@ def inputs(b, t, s, h, hkv, d, dtype, seed=0):
   return normal(b, t, h, d), normal(b, s, hkv, d), normal(b, s, hkv, d), normal(b, t, h, d)
 
 
-def compare(q, k, v, do, mask, *, kv_lengths=None, block_sizes=SMALL_TILES, impl="pallas"):
+def compare(q, k, v, do, mask, *, kv_lengths=None, block_sizes=SMALL_TILES, impl="pallas", mosaic_config=None):
   """Forward and every gradient of `impl` (a kernel) against impl="xla" (one compilation for both).
 
   impl="mosaic" runs eagerly off GPU: its interpret-mode forward deadlocks inside one jit with the Triton
@@ -31,7 +31,7 @@ def compare(q, k, v, do, mask, *, kv_lengths=None, block_sizes=SMALL_TILES, impl
     results = []
     for impl in (kernel_impl, "xla"):
       f = lambda q, k, v: block_sparse_attention(q, k, v, mask, kv_lengths=kv_lengths, impl=impl,
-                                                 block_sizes=block_sizes)
+                                                 block_sizes=block_sizes, mosaic_config=mosaic_config)
       o, vjp = jax.vjp(f, q, k, v)
       results.append((o, *vjp(do)))
     return results

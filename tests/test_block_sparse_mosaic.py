@@ -15,6 +15,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.block_sparse import bigbird, block_sparse_attention, from_dense, global_tokens, local, stack_heads
 from kernels.block_sparse import mosaic_gpu as block_sparse_mosaic
 from kernels.block_sparse import mosaic_gpu_bwd as block_sparse_mosaic_bwd
+from kernels.block_sparse import schedule
 from kernels.block_sparse.reference import block_sparse_reference
 from tests.block_sparse_helpers import SMALL_TILES, compare, inputs
 from tests.helpers import assert_close
@@ -59,6 +60,22 @@ def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask):
     assert not np.asarray(o[0, 130:150, 1], np.float32).any()
 
 
+def test_interpret_persistent_matches_reference():
+  """The persistent grid: 3 CTAs share 2 x 2 x 3 (row, head, batch) items of uneven length (a global row and
+  a row with nothing to attend), one K/V ring running across each CTA's items; the backward is the Triton one."""
+  t, s = 384, 384
+  mask = stack_heads([local(t, 100, s, block_q=128, block_k=64) | global_tokens(t, (0,), block_q=128, block_k=64),
+                      _rows_attending_nothing(t, s, 64)])
+  counts = np.asarray(mask.lists.count)
+  assert len(np.unique(counts)) > 1  # rows of uneven length: the schedule has something to balance
+  q, k, v, do = inputs(2, t, s, 2, 1, 64, jnp.bfloat16)
+  config = block_sparse_mosaic.Config(persistent=True, num_ctas=3)
+  items, lengths = block_sparse_mosaic.work_schedule(counts, 2, 2, config)
+  assert items.shape[0] == 3 and lengths.sum() == 2 * 3 * 2 and (lengths > 1).all()
+  o = compare(q, k, v, do, mask, block_sizes=SMALL_TILES, impl="mosaic", mosaic_config=config)
+  assert not np.asarray(o[:, 130:150, 1], np.float32).any()
+
+
 def test_interpret_race_detector_finds_no_race(capsys):
   """The happens-before race detector over the K/V/bias ring: 3 masked tiles per row in a 2-slot ring."""
   t = 256
@@ -66,15 +83,18 @@ def test_interpret_race_detector_finds_no_race(capsys):
   q, k, v, _ = inputs(1, t, t, 1, 1, 64, jnp.bfloat16)
   lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
+  # Persistent with 1 CTA: both rows' tiles pass through one ring (the second row's loads overlap the first's end).
   o, lse = block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.125, per_head_mask=False,
+                                       config=block_sparse_mosaic.Config(persistent=True, num_ctas=1),
                                        interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert_close(o, block_sparse_reference(q, k, v, mask, sm_scale=0.125), 1e-2, "o")
   assert np.isfinite(np.asarray(lse)).all()
   assert "RACE DETECTED" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("d,block_k", [(128, 128), (128, 64), (64, 128)])
-def test_lowers_for_cuda(d, block_k):
+@pytest.mark.parametrize("d,block_k,persistent", [(128, 128, False), (128, 128, True), (128, 64, False),
+                                                  (64, 128, False)])
+def test_lowers_for_cuda(d, block_k, persistent):
   """The Mosaic GPU lowering (wgmma and bias layouts, the shared-memory budget) runs without a GPU."""
   t = 1024
   mask = local(t, 300, block_q=128, block_k=block_k) | global_tokens(t, (0,), block_q=128, block_k=block_k)
@@ -82,7 +102,9 @@ def test_lowers_for_cuda(d, block_k):
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((1, t, 4, d), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
-  f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False))
+  config = block_sparse_mosaic.Config(persistent=persistent, num_ctas=132)
+  f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False,
+                                                          config=config))
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -102,6 +124,24 @@ def test_backward_lowers_for_cuda(d):
   assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
 
 
+def test_lpt_schedule_balances_and_covers_every_item():
+  rng = np.random.default_rng(0)
+  costs = np.concatenate([[130.0, 130.0], rng.integers(5, 12, 500)])  # two BigBird-like global rows
+  items, lengths = schedule.lpt_schedule(costs, 16)
+  listed = np.concatenate([row[:n] for row, n in zip(items, lengths)])
+  assert sorted(listed) == list(range(len(costs)))  # every item exactly once
+  assert (items[np.arange(items.shape[1]) >= lengths[:, None]] == -1).all()
+  loads = np.array([costs[row[:n]].sum() for row, n in zip(items, lengths)])
+  assert loads.max() <= costs.sum() / 16 + costs.max()  # Graham's bound for greedy LPT
+  assert loads.max() - loads.min() <= 130  # the global rows' CTAs get nothing else until the others catch up
+  assert all((np.diff(costs[row[:n]]) <= 0).all() for row, n in zip(items, lengths))  # longest first
+  one_each, ones = schedule.lpt_schedule([3, 9, 5], 3)
+  np.testing.assert_array_equal(one_each[:, 0], [1, 2, 0])  # one CTA per item: the launch order, longest first
+  np.testing.assert_array_equal(ones, [1, 1, 1])
+  with pytest.raises(ValueError, match="num_ctas"):
+    schedule.lpt_schedule([1.0], 0)
+
+
 def test_unsupported_problems_name_the_argument():
   q, k, v, _ = inputs(1, 256, 256, 2, 2, 64, jnp.bfloat16)
   cases = [
@@ -116,6 +156,8 @@ def test_unsupported_problems_name_the_argument():
       block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("mask"), impl="mosaic", **args)
   with pytest.raises(ValueError, match="num_stages"):
     block_sparse_mosaic.Config(num_stages=1)
+  with pytest.raises(ValueError, match="num_ctas"):
+    block_sparse_mosaic.Config(num_ctas=0)
   with pytest.raises(ValueError, match="backward='triton'"):
     block_sparse_mosaic.Config(backward="triton")
   with pytest.raises(ValueError, match="num_stages_dkv"):
@@ -137,3 +179,14 @@ def test_gpu_matches_reference(mask_name):
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
   compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
+def test_gpu_persistent_matches_reference(mask_name):
+  """The persistent forward with one CTA per SM (2 x 8 x 8 = 128 items: most CTAs run one or two, 20 CTAs: several)."""
+  t = 1024
+  q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
+  for num_ctas in (None, 20):
+    config = block_sparse_mosaic.Config(persistent=True, num_ctas=num_ctas)
+    compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 from experiments.bench import timing  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.block_sparse import bigbird, block_sparse_attention, local  # noqa: E402
+from kernels.block_sparse import mosaic_gpu as block_sparse_mosaic  # noqa: E402
 from kernels.block_sparse.mask import bigbird_block_layout  # noqa: E402
 from kernels.flash_attention import flash_attention, pallas_gpu  # noqa: E402
 
@@ -38,8 +39,9 @@ _PATTERNS = flags.DEFINE_list("patterns", ["sliding-256", "sliding-1024", "slidi
 _IMPLS = flags.DEFINE_list(
     "impls", ["ours", "mosaic", "cudnn", "flex"],
     "Sparse implementations to time (besides dense flash): ours (impl='pallas', the Triton lowering), mosaic "
-    "(impl='mosaic': the Mosaic GPU forward with the Triton backward, Hopper; it also adds a dense flash row with "
-    "impl='mosaic' to compare against), cudnn, flex.")
+    "(impl='mosaic', the Mosaic GPU kernels for Hopper, default config; any mosaic kernel also adds a dense flash "
+    "row with impl='mosaic' to compare against), mosaic-persistent and mosaic-grid (impl='mosaic' with the "
+    "forward's persistent grid forced on or off), cudnn, flex.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
 _BACK_TO_BACK = timing.define_back_to_back_flag()
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
@@ -48,6 +50,9 @@ _BLOCKS = flags.DEFINE_list(
     "kernels.flash_attention.pallas_gpu.BlockSizes, e.g. block_q=64,num_warps=4), applied to the defaults for D; "
     "tiles are still capped at the mask tile. Dense flash keeps its defaults.")
 _B, _H, _D = 1, 16, 128
+# impl='mosaic' kernels by name: the default config, and the forward's persistent grid forced on or off.
+_MOSAIC_KERNELS = {"mosaic": None, "mosaic-persistent": block_sparse_mosaic.Config(persistent=True),
+                   "mosaic-grid": block_sparse_mosaic.Config(persistent=False)}
 _BIGBIRD = dict(block_size=128, num_sliding_blocks=3, num_global_blocks=1, num_random_blocks=3, seed=0, causal=False)
 
 
@@ -167,7 +172,7 @@ def main(argv):
       name = "flash-causal" if causal else "flash-dense"
       _row(rows, env, name, "dense", t, dense_flops * (0.5 if causal else 1.0), None, lambda: _measure_jax(
           lambda q, k, v: flash_attention(q, k, v, causal=causal, impl="pallas"), inputs, _ITERS.value))
-    if "mosaic" in _IMPLS.value:
+    if set(_MOSAIC_KERNELS) & set(_IMPLS.value):
       _row(rows, env, "flash-dense-mosaic", "dense", t, dense_flops, None, lambda: _measure_jax(
           lambda q, k, v: flash_attention(q, k, v, impl="mosaic"), inputs, _ITERS.value))
     for pattern in _PATTERNS.value:
@@ -180,10 +185,11 @@ def main(argv):
         _row(rows, env, "ours", pattern, t, flops, block_flops, lambda: _measure_jax(
             lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas", block_sizes=blocks), inputs,
             _ITERS.value))
-      if "mosaic" in _IMPLS.value:
-        _row(rows, env, "mosaic", pattern, t, flops, block_flops, lambda: _measure_jax(
-            lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="mosaic", block_sizes=blocks), inputs,
-            _ITERS.value))
+      for kernel, config in _MOSAIC_KERNELS.items():
+        if kernel in _IMPLS.value:
+          _row(rows, env, kernel, pattern, t, flops, block_flops, lambda: _measure_jax(
+              lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="mosaic", block_sizes=blocks,
+                                                     mosaic_config=config), inputs, _ITERS.value))
       window = _window(pattern)
       if "cudnn" in _IMPLS.value and window is not None:
         _row(rows, env, "cudnn", pattern, t, flops, None, lambda: _measure_jax(
@@ -200,7 +206,8 @@ def _table(rows):
   lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd "
            f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
-           "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic = impl='mosaic'", "",
+           "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-persistent / -grid: "
+           "the forward's persistent grid on / off)", "",
            "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -208,7 +215,8 @@ def _table(rows):
   for t in sorted({r["T"] for r in rows}):
     at = {(r["impl"], r["pattern"]): r for r in rows if r["T"] == t}
     for pattern in [p for p in _PATTERNS.value if any(r["pattern"] == p for r in at.values())]:
-      for kernel, dense_name in (("ours", "flash-dense"), ("mosaic", "flash-dense-mosaic")):
+      for kernel in ("ours", *_MOSAIC_KERNELS):
+        dense_name = "flash-dense" if kernel == "ours" else "flash-dense-mosaic"
         ours, dense = at.get((kernel, pattern)), at.get((dense_name, "dense"), {})
         if ours is None:
           continue

@@ -155,19 +155,22 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
   config = config or mosaic_gpu.Config()
   mosaic_backward = config.backward == "mosaic" and not mosaic_gpu_bwd.unsupported_reasons(
       q, mask.block_q, mask.block_k, None)
+  # Which CTA runs which row, from the mask's (host) counts: longest rows first.
+  work = tuple(jnp.asarray(x) for x in mosaic_gpu.work_schedule(mask.lists.count, h, b, config, interpret))
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
-              transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward)
+              transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward)
   return o[:, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _mosaic(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward):
-  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _mosaic(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward):
+  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret,
+                     mosaic_backward)[0]
 
 
-def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, static, blocks, config, interpret, mosaic_backward):
+def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward):
   o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
-                              per_head_mask=static.per_head_mask, config=config, interpret=interpret)
+                              per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work)
   return o, (q, k, v, o, lse, lists, transposed_lists, tiles)
 
 
@@ -182,7 +185,7 @@ def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, d
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,
                                      blocks=blocks, interpret=interpret)
-  return dq, dk, dv, None, None, None
+  return dq, dk, dv, None, None, None, None
 
 
 _mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)

@@ -18,9 +18,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.block_sparse import schedule
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -29,6 +32,9 @@ _ROWS = 64  # query rows per consumer (one wgmma M)
 MASK_BLOCK_Q = _CONSUMERS * _ROWS  # the mask's query tile: one CTA
 MASK_BLOCK_KS = (64, 128)
 HEAD_DIMS = (64, 128)
+# A row's fixed cost (Q load, O store, the first S before any overlap) in key tiles, for balancing the schedule.
+_ITEM_OVERHEAD_TILES = 2
+_INTERPRET_CTAS = 4
 # Hopper gives a CTA up to 227 KiB of shared memory.
 _SHARED_MEMORY_BYTES = 227 * 1024
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout TMA writes and wgmma reads without bank conflicts.
@@ -40,6 +46,12 @@ class Config:
   """Pipeline depth of the Mosaic GPU block-sparse forward (the tiles are the mask's)."""
 
   num_stages: int = 2  # depth of the K/V (and bias) shared-memory ring
+  # False: one CTA per (mask row, head, batch), launched longest row first. True: a persistent grid of `num_ctas`
+  # CTAs, each running a longest-first share of the rows with one K/V ring across them, so a CTA's start-up (and
+  # the ring's first fill) is paid once instead of per row: short rows (narrow windows) are otherwise dominated
+  # by it.
+  persistent: bool = False
+  num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
   backward: str = "mosaic"
@@ -49,6 +61,8 @@ class Config:
       raise ValueError(f"backward={self.backward!r} is not valid; choose 'mosaic' or 'pallas'")
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
+    if self.num_ctas is not None and self.num_ctas < 1:
+      raise ValueError(f"num_ctas={self.num_ctas} must be at least 1 (or None: the GPU's SM count)")
 
   def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int) -> int:
     """Q/O tiles of both consumers, the K and V rings and the bias ring."""
@@ -90,17 +104,26 @@ class _Static:
   block_k: int
   dtype: jnp.dtype
   interpret: bool
+  batch: int  # B: a work item is (head * rows + row_tile) * B + batch
+  num_rows: int  # mask rows (query tiles of 128)
 
 
-def _kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed,
-            v_consumed, schedule, *, static: _Static):
-  """One CTA: one mask row (128 query rows) of one (batch, head); lists and tensors in global memory."""
+def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref,
+            v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready,
+            k_consumed, v_consumed, schedule, *, static: _Static):
+  """One CTA: the work items (mask row of 128 query rows, head, batch) `items_ref` lists for it, in turn; the K/V
+  ring runs on across items, so the producer streams the next row's tiles while the consumers finish a row."""
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
-  batch, head, row_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
-  wg = lax.axis_index("wg")
-  mask_head = head if static.per_head_mask else 0
-  num_full, count = num_full_ref[mask_head, row_tile], count_ref[mask_head, row_tile]
+  cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
+  num_items = num_items_ref[cta]
+
+  def work(i):
+    """(batch, head, row_tile, mask_head, num_full, count) of this CTA's i-th item."""
+    item = items_ref[cta, i]
+    batch, head_row = lax.rem(item, static.batch), lax.div(item, jnp.int32(static.batch))
+    head, row_tile = lax.div(head_row, jnp.int32(static.num_rows)), lax.rem(head_row, jnp.int32(static.num_rows))
+    mask_head = head if static.per_head_mask else 0
+    return batch, head, row_tile, mask_head, num_full_ref[mask_head, row_tile], count_ref[mask_head, row_tile]
 
   def take_turn():
     plgpu.barrier_arrive(schedule)
@@ -110,12 +133,10 @@ def _kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, 
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     q_smem = qo_smem.at[wg]
-    row = row_tile * MASK_BLOCK_Q + wg * bq
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
 
-    def step(j, carry, masked):
+    def step(j, carry, start, masked):
       acc, m, l = carry
-      slot = lax.rem(j, jnp.int32(stages))
+      slot = lax.rem(start + j, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
 
       def logits(s_ref):
@@ -155,70 +176,107 @@ def _kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, 
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_new, l
 
-    d = q_smem.shape[-1]
-    m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_ready.at[wg])
-    pl.when(wg == 1)(take_turn)  # consumer 0 goes first
-    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), (acc, m, l))
-    acc, m, l = lax.fori_loop(num_full, count, functools.partial(step, masked=True), carry)
-    pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
+    def item(i, start):
+      """Runs item i, whose K/V tiles begin at ring position `start`; returns where the next item's begin."""
+      batch, head, row_tile, _, num_full, count = work(i)
+      row = row_tile * MASK_BLOCK_Q + wg * bq
+      # The previous item's O leaves from this buffer: wait until the copy has read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
+      d = q_smem.shape[-1]
+      m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      plgpu.barrier_wait(q_ready.at[wg])
+      pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+      carry = lax.fori_loop(0, num_full, functools.partial(step, start=start, masked=False), (acc, m, l))
+      acc, m, l = lax.fori_loop(num_full, count, functools.partial(step, start=start, masked=True), carry)
+      pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
 
-    empty = l == 0.0
-    safe_l = jnp.where(empty, 1.0, l)
-    q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
-    # Straight from registers: a shared-memory staging buffer for it would not fit beside the rings at D = 128.
-    lse_ref.at[batch, head, pl.ds(row, bq)][...] = jnp.where(empty, -jnp.inf, m * LN_2 + jnp.log(safe_l))
+      empty = l == 0.0
+      safe_l = jnp.where(empty, 1.0, l)
+      q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
+      # Straight from registers: a shared-memory staging buffer for it would not fit beside the rings at D = 128.
+      lse_ref.at[batch, head, pl.ds(row, bq)][...] = jnp.where(empty, -jnp.inf, m * LN_2 + jnp.log(safe_l))
+      return start + count
+
+    lax.fori_loop(0, num_items, item, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, jnp.int32(static.group))
 
-    @pl.loop(0, count)
-    def _(j):
-      slot = lax.rem(j, jnp.int32(stages))
-      keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, j] * bk, bk), kv_head)
+    def item(i, start):
+      batch, head, row_tile, mask_head, num_full, count = work(i)
+      kv_head = lax.div(head, jnp.int32(static.group))
 
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(k_consumed.at[slot])
+      @pl.loop(0, count)
+      def _(j):
+        position = start + j
+        slot = lax.rem(position, jnp.int32(stages))
+        keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, j] * bk, bk), kv_head)
 
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+        @pl.when(position >= stages)
+        def _():
+          plgpu.barrier_wait(k_consumed.at[slot])
 
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(v_consumed.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
 
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        @pl.when(position >= stages)
+        def _():
+          plgpu.barrier_wait(v_consumed.at[slot])
 
-      @pl.when(j >= num_full)
-      def _():
-        # The bias slot is free once V's is: both consumers add it to S before their P V.
-        tile = tile_ids_ref[mask_head, row_tile, j]
-        for c in range(_CONSUMERS):
-          plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[slot, c],
-                                  bias_ready.at[slot * _CONSUMERS + c])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+        @pl.when(j >= num_full)
+        def _():
+          # The bias slot is free once V's is: both consumers add it to S before their P V.
+          tile = tile_ids_ref[mask_head, row_tile, j]
+          for c in range(_CONSUMERS):
+            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[slot, c],
+                                    bias_ready.at[slot * _CONSUMERS + c])
+
+      return start + count
+
+    total = lax.fori_loop(0, num_items, item, jnp.int32(0))
 
     # Observe the release of the last tiles too, so every warpgroup ends having seen every barrier phase.
-    @pl.loop(jnp.maximum(count - stages, 0), count)
-    def _(j):
-      slot = lax.rem(j, jnp.int32(stages))
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(position):
+      slot = lax.rem(position, jnp.int32(stages))
       plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.barrier_wait(v_consumed.at[slot])
 
 
+def _num_ctas(config: Config, interpret: bool) -> int:
+  if config.num_ctas is not None:
+    return config.num_ctas
+  if interpret:
+    return _INTERPRET_CTAS
+  return jax.devices()[0].core_count  # one CTA per SM: the kernel's shared memory allows no more
+
+
+def work_schedule(count: np.ndarray, num_heads: int, batch: int, config: Config, interpret: bool = False):
+  """Which CTA runs which (mask row, head, batch) item: (items int32 [CTAs, L], lengths int32 [CTAs]), longest
+  rows first. count: the visit lists' int [Hm, R] entries per row (Hm = 1 when the heads share the mask)."""
+  count = np.broadcast_to(np.asarray(count), (num_heads, count.shape[-1]))
+  costs = np.repeat(count.reshape(-1) + _ITEM_OVERHEAD_TILES, batch)  # item = (head * R + row) * B + batch
+  num_items = costs.size
+  return schedule.lpt_schedule(costs, min(num_items, _num_ctas(config, interpret)) if config.persistent
+                               else num_items)
+
+
 def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, config: Config | None = None,
-            interpret: bool | plgpu.InterpretGPUParams = False):
+            interpret: bool | plgpu.InterpretGPUParams = False, work=None):
   """q [B, T, H, D], k/v [B, S, Hkv, D] -> o [B, T, H, D], lse [B, H, T] (fp32, natural log; -inf: nothing seen).
 
   lists: the mask's visit lists (blocks, tiles, num_full, count) as int32 arrays (`BlockMask.lists`); bias:
   [NT, 128, block_k] additive element masks in q's dtype (`bias_tiles`). T must be a multiple of 128 and S of
-  block_k (the mask's tiles). interpret: Mosaic GPU interpret mode (CPU), for tests.
+  block_k (the mask's tiles). interpret: Mosaic GPU interpret mode (CPU), for tests. work: `work_schedule(...)`
+  for these lists and config, or None to compute it here (then the lists' counts must be concrete).
   """
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -228,8 +286,12 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
     raise ValueError(f"mosaic_gpu.forward does not support {', '.join(reasons)}")
   if t % MASK_BLOCK_Q or s % block_k:
     raise ValueError(f"T={t} must be a multiple of {MASK_BLOCK_Q} and S={s} of block_k={block_k}")
+  num_rows = t // MASK_BLOCK_Q
+  if work is None:
+    work = work_schedule(np.asarray(lists[3]), h, b, config, bool(interpret))
+  items, num_items = (jnp.asarray(x, jnp.int32) for x in work)
   static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
-                            block_k=block_k, dtype=q.dtype, interpret=bool(interpret))
+                   block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows)
   stages = config.num_stages
   scratch = (
       plgpu.SMEM((_CONSUMERS, _ROWS, d), q.dtype, transforms=_TRANSFORMS),  # Q, then O, per consumer
@@ -248,11 +310,11 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
       functools.partial(_kernel, static=static),
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
       scratch_types=scratch,
-      grid=(h, t // MASK_BLOCK_Q, b),
-      grid_names=("heads", "q_tiles", "batch"),
+      grid=(items.shape[0],),
+      grid_names=("ctas",),
       num_threads=_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
-  )(*lists, bias, q, k, v)
+  )(items, num_items, *lists, bias, q, k, v)
