@@ -33,29 +33,33 @@ def _rows_attending_nothing(t, s, block_k):
   return from_dense(dense, block_q=128, block_k=block_k)
 
 
+_GRID = block_sparse_mosaic.Config(persistent=False)  # one CTA per row
+_O_VIA_SMEM = block_sparse_mosaic.Config(prefetch_q=False)  # persistent, O leaving through Q's buffer
+
+
 @pytest.mark.parametrize(
-    "t,s,h,hkv,d,block_k,make_mask",
+    "t,s,h,hkv,d,block_k,make_mask,config",
     [
         # Sliding window with global tokens: full tiles, partial tiles from two builders, GQA 2, 64-key tiles.
         pytest.param(384, 384, 2, 1, 64, 64, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk)
-                     | global_tokens(t, (5,), block_q=128, block_k=bk), id="sliding+global-gqa2-bk64"),
+                     | global_tokens(t, (5,), block_q=128, block_k=bk), _GRID, id="sliding+global-gqa2-bk64"),
         # One pattern per head (a window, and rows with nothing or a single key to attend), T != S, 128-key tiles.
         # The Mosaic backward from here on (128 x 128 tiles): one pattern per head, rows with nothing or a single
         # key to attend, T != S.
         pytest.param(256, 384, 2, 2, 64, 128, lambda t, s, bk: stack_heads(
-            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]),
+            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _O_VIA_SMEM,
                      id="per-head-empty-rows-T<S-bk128"),
         # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
         # crosses from one query head's list to the next).
-        pytest.param(384, 384, 2, 1, 128, 128, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk),
+        pytest.param(384, 384, 2, 1, 128, 128, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk), None,
                      id="sliding-gqa2-bk128-d128"),
     ],
 )
-def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask):
+def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask, config):
   mask = make_mask(t, s, block_k)
   assert mask.lists.num_full.sum() > 0 and mask.tiles.size  # both loops of the kernels run
   q, k, v, do = inputs(1, t, s, h, hkv, d, jnp.bfloat16)
-  o = compare(q, k, v, do, mask, block_sizes=SMALL_TILES, impl="mosaic")
+  o = compare(q, k, v, do, mask, block_sizes=SMALL_TILES, impl="mosaic", mosaic_config=config)
   if mask.num_heads > 1:  # rows that attend nothing give zeros
     assert not np.asarray(o[0, 130:150, 1], np.float32).any()
 
@@ -183,10 +187,11 @@ def test_gpu_matches_reference(mask_name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
-def test_gpu_persistent_matches_reference(mask_name):
-  """The persistent forward with one CTA per SM (2 x 8 x 8 = 128 items: most CTAs run one or two, 20 CTAs: several)."""
+def test_gpu_forward_configs_match_reference(mask_name):
+  """The persistent forward on 20 CTAs (2 x 8 x 8 = 128 items: several per CTA), with O through shared memory,
+  and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
-  for num_ctas in (None, 20):
-    config = block_sparse_mosaic.Config(persistent=True, num_ctas=num_ctas)
+  for config in (block_sparse_mosaic.Config(num_ctas=20), block_sparse_mosaic.Config(num_ctas=20, prefetch_q=False),
+                 _GRID):
     compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

@@ -50,7 +50,10 @@ class Config:
   # CTAs, each running a longest-first share of the rows with one K/V ring across them, so a CTA's start-up (and
   # the ring's first fill) is paid once instead of per row: short rows (narrow windows) are otherwise dominated
   # by it.
-  persistent: bool = False
+  persistent: bool = True
+  # True: each row's O goes from registers straight to global memory, so Q's shared buffer is free once the row's
+  # last S = Q K^T is done and the next row's Q loads under the epilogue; False: O leaves through that buffer.
+  prefetch_q: bool = True
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -176,13 +179,19 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_new, l
 
+    def load_q(i):
+      batch, head, row_tile, *_ = work(i)
+      row = row_tile * MASK_BLOCK_Q + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
+
     def item(i, start):
       """Runs item i, whose K/V tiles begin at ring position `start`; returns where the next item's begin."""
       batch, head, row_tile, _, num_full, count = work(i)
       row = row_tile * MASK_BLOCK_Q + wg * bq
-      # The previous item's O leaves from this buffer: wait until the copy has read it.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
+      if not static.config.prefetch_q:
+        # The previous item's O leaves from this buffer: wait until the copy has read it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        load_q(i)
       d = q_smem.shape[-1]
       m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -192,16 +201,25 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       carry = lax.fori_loop(0, num_full, functools.partial(step, start=start, masked=False), (acc, m, l))
       acc, m, l = lax.fori_loop(num_full, count, functools.partial(step, start=start, masked=True), carry)
       pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
+      if static.config.prefetch_q:
+        # The row's last S = Q K^T has completed, so Q's buffer is free: the next row's Q loads under this epilogue.
+        pl.when(i + 1 < num_items)(lambda: load_q(i + 1))
 
       empty = l == 0.0
       safe_l = jnp.where(empty, 1.0, l)
-      q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
+      o = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
+      if static.config.prefetch_q:
+        o_ref.at[batch, pl.ds(row, bq), head][...] = o  # straight from registers: Q's buffer is taken
+      else:
+        q_smem[...] = o
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
       # Straight from registers: a shared-memory staging buffer for it would not fit beside the rings at D = 128.
       lse_ref.at[batch, head, pl.ds(row, bq)][...] = jnp.where(empty, -jnp.inf, m * LN_2 + jnp.log(safe_l))
       return start + count
 
+    if static.config.prefetch_q:
+      pl.when(num_items > 0)(lambda: load_q(0))
     lax.fori_loop(0, num_items, item, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
