@@ -65,17 +65,20 @@ def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask, config
 
 
 def test_interpret_persistent_matches_reference():
-  """The persistent grid: 3 CTAs share 2 x 2 x 3 (row, head, batch) items of uneven length (a global row and
-  a row with nothing to attend), one K/V ring running across each CTA's items; the backward is the Triton one."""
+  """The persistent kernels on 3 CTAs: 2 x 2 x 3 (row, head, batch) forward and dq items of uneven length (a global
+  row, rows with nothing to attend) and 2 x 3 dk/dv items, several per CTA, each kernel's ring running across a
+  CTA's items."""
   t, s = 384, 384
-  mask = stack_heads([local(t, 100, s, block_q=128, block_k=64) | global_tokens(t, (0,), block_q=128, block_k=64),
-                      _rows_attending_nothing(t, s, 64)])
+  mask = stack_heads([local(t, 100, s) | global_tokens(t, (0,)), _rows_attending_nothing(t, s, 128)])
   counts = np.asarray(mask.lists.count)
   assert len(np.unique(counts)) > 1  # rows of uneven length: the schedule has something to balance
   q, k, v, do = inputs(2, t, s, 2, 1, 64, jnp.bfloat16)
   config = block_sparse_mosaic.Config(persistent=True, num_ctas=3)
   items, lengths = block_sparse_mosaic.work_schedule(counts, 2, 2, config)
   assert items.shape[0] == 3 and lengths.sum() == 2 * 3 * 2 and (lengths > 1).all()
+  _, _, dkv_items, dkv_lengths = block_sparse_mosaic_bwd.work_schedules(mask.lists, mask.transposed_lists, 2, 1, 2,
+                                                                        num_ctas=3)
+  assert dkv_items.shape[0] == 3 and (dkv_lengths == 2).all()
   o = compare(q, k, v, do, mask, block_sizes=SMALL_TILES, impl="mosaic", mosaic_config=config)
   assert not np.asarray(o[:, 130:150, 1], np.float32).any()
 
@@ -122,8 +125,9 @@ def test_backward_lowers_for_cuda(d):
   q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, t, hkv, d), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, h, t), jnp.float32)
+  work = block_sparse_mosaic_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, 1, num_ctas=132)
   f = jax.jit(lambda q, k, v, o, lse, do: block_sparse_mosaic_bwd.backward(
-      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True))
+      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True, work=work))
   text = f.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
 

@@ -155,8 +155,12 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
   config = config or mosaic_gpu.Config()
   mosaic_backward = config.backward == "mosaic" and not mosaic_gpu_bwd.unsupported_reasons(
       q, mask.block_q, mask.block_k, None)
-  # Which CTA runs which row, from the mask's (host) counts: longest rows first.
-  work = tuple(jnp.asarray(x) for x in mosaic_gpu.work_schedule(mask.lists.count, h, b, config, interpret))
+  # Which CTA runs which row (and which key tile, for dk/dv), from the mask's host counts: longest first.
+  work = mosaic_gpu.work_schedule(mask.lists.count, h, b, config, interpret)
+  if mosaic_backward:
+    work += mosaic_gpu_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, b, persistent=config.persistent,
+                                          num_ctas=config.num_ctas, interpret=interpret)
+  work = tuple(jnp.asarray(x) for x in work)
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
               transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward)
   return o[:, :t]
@@ -170,17 +174,18 @@ def _mosaic(q, k, v, lists, transposed_lists, tiles, work, static, blocks, confi
 
 def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward):
   o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
-                              per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work)
-  return o, (q, k, v, o, lse, lists, transposed_lists, tiles)
+                              per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work[:2])
+  return o, (q, k, v, o, lse, lists, transposed_lists, tiles, work[2:])
 
 
 def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, do):
-  q, k, v, o, lse, lists, transposed_lists, tiles = residuals
+  q, k, v, o, lse, lists, transposed_lists, tiles, backward_work = residuals
   do = do.astype(q.dtype)
   if mosaic_backward:
     dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do, lists, transposed_lists,
                                          mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
-                                         per_head_mask=static.per_head_mask, interpret=interpret)
+                                         per_head_mask=static.per_head_mask, interpret=interpret,
+                                         work=backward_work)
   else:
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,

@@ -32,9 +32,6 @@ _ROWS = 64  # query rows per consumer (one wgmma M)
 MASK_BLOCK_Q = _CONSUMERS * _ROWS  # the mask's query tile: one CTA
 MASK_BLOCK_KS = (64, 128)
 HEAD_DIMS = (64, 128)
-# A row's fixed cost (Q load, O store, the first S before any overlap) in key tiles, for balancing the schedule.
-_ITEM_OVERHEAD_TILES = 2
-_INTERPRET_CTAS = 4
 # Hopper gives a CTA up to 227 KiB of shared memory.
 _SHARED_MEMORY_BYTES = 227 * 1024
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout TMA writes and wgmma reads without bank conflicts.
@@ -49,11 +46,13 @@ class Config:
   # False: one CTA per (mask row, head, batch), launched longest row first. True: a persistent grid of `num_ctas`
   # CTAs, each running a longest-first share of the rows with one K/V ring across them, so a CTA's start-up (and
   # the ring's first fill) is paid once instead of per row: short rows (narrow windows) are otherwise dominated
-  # by it.
+  # by it. The Mosaic backward's two kernels follow the same choice.
   persistent: bool = True
   # True: each row's O goes from registers straight to global memory, so Q's shared buffer is free once the row's
   # last S = Q K^T is done and the next row's Q loads under the epilogue; False: O leaves through that buffer.
-  prefetch_q: bool = True
+  # Off: the register stores (a few bytes per thread, scattered) cost more than the Q load they hide (H200: 0-28%
+  # slower forward, benchmarks/results/block_sparse_mosaic_persistent.md).
+  prefetch_q: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -269,22 +268,11 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_wait(v_consumed.at[slot])
 
 
-def _num_ctas(config: Config, interpret: bool) -> int:
-  if config.num_ctas is not None:
-    return config.num_ctas
-  if interpret:
-    return _INTERPRET_CTAS
-  return jax.devices()[0].core_count  # one CTA per SM: the kernel's shared memory allows no more
-
-
 def work_schedule(count: np.ndarray, num_heads: int, batch: int, config: Config, interpret: bool = False):
   """Which CTA runs which (mask row, head, batch) item: (items int32 [CTAs, L], lengths int32 [CTAs]), longest
   rows first. count: the visit lists' int [Hm, R] entries per row (Hm = 1 when the heads share the mask)."""
-  count = np.broadcast_to(np.asarray(count), (num_heads, count.shape[-1]))
-  costs = np.repeat(count.reshape(-1) + _ITEM_OVERHEAD_TILES, batch)  # item = (head * R + row) * B + batch
-  num_items = costs.size
-  return schedule.lpt_schedule(costs, min(num_items, _num_ctas(config, interpret)) if config.persistent
-                               else num_items)
+  return schedule.work_schedule(count, num_heads, batch, persistent=config.persistent, num_ctas=config.num_ctas,
+                                interpret=interpret)
 
 
 def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, config: Config | None = None,

@@ -2,12 +2,13 @@
 
 The kernels of kernels/flash_attention/mosaic_gpu_bwd.py (two compute warpgroups of 64 rows and a TMA producer
 per CTA, P recomputed from the base-2 lse, deterministic: dq and dk/dv in separate kernels), with the streams
-driven by the mask's visit lists instead of contiguous ranges:
+driven by the mask's visit lists instead of contiguous ranges. Both run a schedule of work items (schedule.py:
+longest first, on one CTA per SM by default, each CTA's input ring running on from one item to the next):
 
-- dq: one CTA per (batch, head, 128-row query tile); the producer streams the key tiles of the tile's list (in
+- dq: an item is a (batch, head, 128-row query tile); the producer streams the key tiles of the tile's list (in
   `key_step`-key halves when a mask tile is wider than the kernel's step). S = Q K^T, dP = dO V^T,
   dS = P (dP - delta), dQ += dS K.
-- dk/dv: one CTA per (batch, kv head, 128-key tile: 64 keys per warpgroup); the producer streams, for every query
+- dk/dv: an item is a (batch, kv head, 128-key tile: 64 keys per warpgroup); the producer streams, for every query
   head of the GQA group, the query tiles of that head's transposed list in 64-row steps. S^T = K Q^T,
   dP^T = V dO^T, P^T = exp2(S^T * scale - lse2), dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q.
 
@@ -22,10 +23,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.block_sparse import schedule
 # The flash backward's shared-memory layout, vector loads and register-operand staging are this file's too.
 from kernels.flash_attention.mosaic_gpu_bwd import _col_vector, _lhs, _row_vector, _tile_smem
 
@@ -79,6 +82,9 @@ class _Static:
   config: Config
   # Interpret mode's wgmma takes only SMEM operands, so there the register left operands are staged in SMEM.
   stage_lhs: bool
+  batch: int  # B: work items are numbered (head * tiles + tile) * B + batch
+  num_rows: int  # query tiles (the dq kernel's items per head)
+  num_key_tiles: int  # key tiles (the dk/dv kernel's items per kv head)
 
   @property
   def scale2(self) -> float:
@@ -94,106 +100,135 @@ def _bias(ref):
   return plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
 
-def _dq_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, smem, barriers, *, st: _Static):
+def _work(items_ref, cta, i, *, batch: int, rows: int):
+  """(batch, head, row) of a CTA's i-th work item, numbered (head * rows + row) * batch + b (schedule.py)."""
+  item = items_ref[cta, i]
+  head_row = lax.div(item, jnp.int32(batch))
+  return lax.rem(item, jnp.int32(batch)), lax.div(head_row, jnp.int32(rows)), lax.rem(head_row, jnp.int32(rows))
+
+
+def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref,
+               v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers, *, st: _Static):
+  """One CTA: its scheduled (query tile, head, batch) items in turn, the K/V ring running on across them."""
   q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem, *staging = smem
   q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, bias_bar, consumed = barriers
   bq, bk, stages, steps = _ROWS, st.key_step, st.config.num_stages_dq, st.key_steps
-  batch, head, row_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-  wg = lax.axis_index("wg")
-  mask_head = head if st.per_head_mask else 0
-  # Stream steps: every listed key tile in `steps` slices; the full tiles' come first.
-  num_full = num_full_ref[mask_head, row_tile] * steps
-  count = count_ref[mask_head, row_tile] * steps
+  cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
+  num_items = num_items_ref[cta]
+
+  def work(i):
+    """(batch, head, row tile, mask head, full steps, all steps) of item i; a listed key tile is `steps` steps."""
+    batch, head, row_tile = _work(items_ref, cta, i, batch=st.batch, rows=st.num_rows)
+    mask_head = head if st.per_head_mask else 0
+    return (batch, head, row_tile, mask_head, num_full_ref[mask_head, row_tile] * steps,
+            count_ref[mask_head, row_tile] * steps)
 
   @pl.when(wg < _WGS)
   def _compute():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
     my_q, my_do = q_smem.at[wg], do_smem.at[wg]
-    my_rows = pl.ds(row_tile * MASK_BLOCK_Q + wg * bq, bq)
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, my_rows, head], my_q, q_bar.at[wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[batch, my_rows, head], my_do, do_bar.at[wg])
-    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, my_rows], lse_smem.at[wg], lse_bar.at[wg])
-    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, my_rows], delta_smem.at[wg], delta_bar.at[wg])
-    for bar in (q_bar, do_bar, lse_bar, delta_bar):
-      plgpu.barrier_wait(bar.at[wg])
-    lse2, delta = _row_vector(lse_smem.at[wg]), _row_vector(delta_smem.at[wg])
     ds_stage = staging[0].at[wg] if st.stage_lhs else None
 
-    def step(n, carry, *, masked, dq_ref):
-      slot = lax.rem(n, stages)
-      k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
-      plgpu.barrier_wait(k_bar.at[slot])
-      plgpu.barrier_wait(v_bar.at[slot])
+    def item(i, start):
+      batch, head, row_tile, _, num_full, count = work(i)
+      my_rows = pl.ds(row_tile * MASK_BLOCK_Q + wg * bq, bq)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ leaves through Q's buffer
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, my_rows, head], my_q, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, my_rows, head], my_do, do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, my_rows], lse_smem.at[wg], lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, my_rows], delta_smem.at[wg], delta_bar.at[wg])
+      for bar in (q_bar, do_bar, lse_bar, delta_bar):
+        plgpu.barrier_wait(bar.at[wg])
+      lse2, delta = _row_vector(lse_smem.at[wg]), _row_vector(delta_smem.at[wg])
 
-      def tile(s_ref, dp_ref):
-        plgpu.wgmma(s_ref, my_q, k_tile.transpose((1, 0)))
-        plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
-        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP still runs under the exponentials
-        if masked:
-          plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
-          s = s + _bias(bias_smem.at[slot, wg])
-        p = jnp.exp2(s * st.scale2 - lax.broadcast_in_dim(lse2, (bq, bk), [0]))
-        ds = p * (dp_ref[...] - lax.broadcast_in_dim(delta, (bq, bk), [0]))
-        plgpu.wgmma(dq_ref, _lhs(ds.astype(st.dtype), ds_stage), k_tile)
+      def step(n, carry, *, masked, dq_ref):
+        slot = lax.rem(start + n, stages)
+        k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot])
 
-      pl.run_scoped(tile, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-      plgpu.wgmma_wait(0)  # the slot may be refilled only once every wgmma has read it
-      plgpu.barrier_arrive(consumed.at[slot])
-      return carry
+        def tile(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, my_q, k_tile.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP still runs under the exponentials
+          if masked:
+            plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
+            s = s + _bias(bias_smem.at[slot, wg])
+          p = jnp.exp2(s * st.scale2 - lax.broadcast_in_dim(lse2, (bq, bk), [0]))
+          ds = p * (dp_ref[...] - lax.broadcast_in_dim(delta, (bq, bk), [0]))
+          plgpu.wgmma(dq_ref, _lhs(ds.astype(st.dtype), ds_stage), k_tile)
 
-    def accumulate(dq_ref):
-      lax.fori_loop(0, num_full, functools.partial(step, masked=False, dq_ref=dq_ref), None)
-      lax.fori_loop(num_full, count, functools.partial(step, masked=True, dq_ref=dq_ref), None)
-      return dq_ref[...]
+        pl.run_scoped(tile, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
+        plgpu.wgmma_wait(0)  # the slot may be refilled only once every wgmma has read it
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
 
-    dq = pl.run_scoped(accumulate, plgpu.ACC((bq, st.head_dim), jnp.float32))
-    my_q[...] = (dq * st.sm_scale).astype(st.dtype)  # Q is no longer read: its buffer stages the output
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(my_q, dq_ref.at[batch, my_rows, head])
+      def accumulate(dq_ref):
+        lax.fori_loop(0, num_full, functools.partial(step, masked=False, dq_ref=dq_ref), None)
+        lax.fori_loop(num_full, count, functools.partial(step, masked=True, dq_ref=dq_ref), None)
+        return dq_ref[...]
+
+      dq = pl.run_scoped(accumulate, plgpu.ACC((bq, st.head_dim), jnp.float32))
+      my_q[...] = (dq * st.sm_scale).astype(st.dtype)  # Q is no longer read: its buffer stages the output
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, dq_ref.at[batch, my_rows, head])
+      return start + count
+
+    lax.fori_loop(0, num_items, item, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _WGS)
   def _producer():
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    kv_head = lax.div(head, st.group)
 
-    @pl.loop(0, count)
-    def _(n):
-      slot = lax.rem(n, stages)
-      entry, part = lax.div(n, steps), lax.rem(n, steps)
-      keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, entry] * MASK_BLOCK_K + part * bk, bk), kv_head)
+    def item(i, start):
+      batch, head, row_tile, mask_head, num_full, count = work(i)
+      kv_head = lax.div(head, st.group)
 
-      @pl.when(n >= stages)
-      def _():
-        plgpu.barrier_wait(consumed.at[slot])
+      @pl.loop(0, count)
+      def _(n):
+        position = start + n
+        slot = lax.rem(position, stages)
+        entry, part = lax.div(n, steps), lax.rem(n, steps)
+        keys = (batch, pl.ds(blocks_ref[mask_head, row_tile, entry] * MASK_BLOCK_K + part * bk, bk), kv_head)
 
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+        @pl.when(position >= stages)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])
 
-      @pl.when(n >= num_full)
-      def _():
-        tile = tile_ids_ref[mask_head, row_tile, entry]
-        for w in range(_WGS):
-          plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)], bias_smem.at[slot, w],
-                                  bias_bar.at[slot * _WGS + w])
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
 
-    @pl.loop(jnp.maximum(count - stages, 0), count)
+        @pl.when(n >= num_full)
+        def _():
+          tile = tile_ids_ref[mask_head, row_tile, entry]
+          for w in range(_WGS):
+            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)],
+                                    bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+
+      return start + count
+
+    total = lax.fori_loop(0, num_items, item, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(n):  # observe the last releases, so the producer ends having seen every phase of `consumed`
       plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
-def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, smem, barriers, *, st: _Static):
+def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q_ref, k_ref,
+                v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers, *, st: _Static):
+  """One CTA: its scheduled (key tile, kv head, batch) items in turn, the Q/dO ring running on across them."""
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, bias_smem, *staging = smem
   k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, bias_bar, consumed = barriers
   bq, bk, stages = _ROWS, _ROWS, st.config.num_stages_dkv
   row_steps = MASK_BLOCK_Q // bq  # a listed query tile is this many stream steps
-  batch, kv_head, key_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-  wg = lax.axis_index("wg")
-  k_start = key_tile * MASK_BLOCK_K
+  cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
+  num_items = num_items_ref[cta]
 
-  def head_list(g):
+  def work(i):
+    return _work(items_ref, cta, i, batch=st.batch, rows=st.num_key_tiles)
+
+  def head_list(kv_head, key_tile, g):
     """(query head, mask head, full steps, all steps) of the group's g-th query head."""
     head = kv_head * st.group + g
     mask_head = head if st.per_head_mask else 0
@@ -204,11 +239,6 @@ def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q
   def _compute():
     plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
-    my_rows = (batch, pl.ds(k_start + wg * bk, bk), kv_head)
-    plgpu.copy_gmem_to_smem(k_ref.at[my_rows], my_k, k_bar.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[my_rows], my_v, v_bar.at[wg])
-    plgpu.barrier_wait(k_bar.at[wg])
-    plgpu.barrier_wait(v_bar.at[wg])
     p_stage, ds_stage = (staging[0].at[wg], staging[1].at[wg]) if st.stage_lhs else (None, None)
 
     def step(n, index, *, masked, dk_ref, dv_ref):
@@ -242,59 +272,75 @@ def _dkv_kernel(blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q
       plgpu.barrier_arrive(consumed.at[slot])
       return index + 1
 
-    def accumulate(dk_ref, dv_ref):
-      def per_head(g, index):
-        _, _, num_full, count = head_list(g)
-        body = functools.partial(step, dk_ref=dk_ref, dv_ref=dv_ref)
-        index = lax.fori_loop(0, num_full, functools.partial(body, masked=False), index)
-        return lax.fori_loop(num_full, count, functools.partial(body, masked=True), index)
+    def item(i, index):
+      batch, kv_head, key_tile = work(i)
+      my_rows = (batch, pl.ds(key_tile * MASK_BLOCK_K + wg * bk, bk), kv_head)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dK/dV leave through these buffers
+      plgpu.copy_gmem_to_smem(k_ref.at[my_rows], my_k, k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[my_rows], my_v, v_bar.at[wg])
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
 
-      lax.fori_loop(0, st.group, per_head, jnp.int32(0))
-      return dk_ref[...], dv_ref[...]
+      def accumulate(dk_ref, dv_ref):
+        def per_head(g, index):
+          _, _, num_full, count = head_list(kv_head, key_tile, g)
+          body = functools.partial(step, dk_ref=dk_ref, dv_ref=dv_ref)
+          index = lax.fori_loop(0, num_full, functools.partial(body, masked=False), index)
+          return lax.fori_loop(num_full, count, functools.partial(body, masked=True), index)
 
-    acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
-    dk, dv = pl.run_scoped(accumulate, acc, acc)
-    # K and V are no longer read (every wgmma has been awaited), so their buffers stage the outputs.
-    my_k[...] = (dk * st.sm_scale).astype(st.dtype)
-    my_v[...] = dv.astype(st.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(my_k, dk_ref.at[my_rows], commit_group=False)
-    plgpu.copy_smem_to_gmem(my_v, dv_ref.at[my_rows], commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
+        return lax.fori_loop(0, st.group, per_head, index), dk_ref[...], dv_ref[...]
+
+      acc = plgpu.ACC((bk, st.head_dim), jnp.float32)
+      index, dk, dv = pl.run_scoped(accumulate, acc, acc)
+      # K and V are no longer read (every wgmma has been awaited), so their buffers stage the outputs.
+      my_k[...] = (dk * st.sm_scale).astype(st.dtype)
+      my_v[...] = dv.astype(st.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_k, dk_ref.at[my_rows], commit_group=False)
+      plgpu.copy_smem_to_gmem(my_v, dv_ref.at[my_rows], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      return index
+
+    lax.fori_loop(0, num_items, item, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _WGS)
   def _producer():
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
 
-    def per_head(g, index):
-      head, mask_head, num_full, count = head_list(g)
+    def item(i, index):
+      batch, kv_head, key_tile = work(i)
 
-      def fetch(n, index):
-        slot = lax.rem(index, stages)
-        entry, part = lax.div(n, row_steps), lax.rem(n, row_steps)
-        rows = pl.ds(blocks_ref[mask_head, key_tile, entry] * MASK_BLOCK_Q + part * bq, bq)
+      def per_head(g, index):
+        head, mask_head, num_full, count = head_list(kv_head, key_tile, g)
 
-        @pl.when(index >= stages)
-        def _():
-          plgpu.barrier_wait(consumed.at[slot])
+        def fetch(n, index):
+          slot = lax.rem(index, stages)
+          entry, part = lax.div(n, row_steps), lax.rem(n, row_steps)
+          rows = pl.ds(blocks_ref[mask_head, key_tile, entry] * MASK_BLOCK_Q + part * bq, bq)
 
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], delta_bar.at[slot])
+          @pl.when(index >= stages)
+          def _():
+            plgpu.barrier_wait(consumed.at[slot])
 
-        @pl.when(n >= num_full)
-        def _():
-          tile = tile_ids_ref[mask_head, key_tile, entry]
-          for w in range(_WGS):
-            plgpu.copy_gmem_to_smem(bias_t_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
-                                    bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
-        return index + 1
+          plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], q_bar.at[slot])
+          plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], lse_bar.at[slot])
+          plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_bar.at[slot])
+          plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], delta_bar.at[slot])
 
-      return lax.fori_loop(0, count, fetch, index)
+          @pl.when(n >= num_full)
+          def _():
+            tile = tile_ids_ref[mask_head, key_tile, entry]
+            for w in range(_WGS):
+              plgpu.copy_gmem_to_smem(bias_t_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
+                                      bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+          return index + 1
 
-    total = lax.fori_loop(0, st.group, per_head, jnp.int32(0))
+        return lax.fori_loop(0, count, fetch, index)
+
+      return lax.fori_loop(0, st.group, per_head, index)
+
+    total = lax.fori_loop(0, num_items, item, jnp.int32(0))
 
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(index):  # observe the last releases, so the producer ends having seen every phase of `consumed`
@@ -305,8 +351,21 @@ def _barriers(count: int, num: int):
   return tuple(plgpu.Barrier(num_barriers=num) for _ in range(count))
 
 
+def work_schedules(lists, transposed_lists, num_heads: int, num_kv_heads: int, batch: int, *, persistent: bool = True,
+                   num_ctas: int | None = None, interpret: bool = False):
+  """(dq items, dq lengths, dk/dv items, dk/dv lengths) for `backward` (schedule.work_schedule): the dq kernel's
+  items are (query tile, head, batch), the dk/dv kernel's (key tile, kv head, batch) with every query head of the
+  GQA group listed in turn; lists' counts must be concrete (numpy)."""
+  count, count_t = np.asarray(lists[3]), np.asarray(transposed_lists[3])
+  group = num_heads // num_kv_heads
+  count_t = np.broadcast_to(count_t, (num_heads, count_t.shape[-1])).reshape(num_kv_heads, group, -1).sum(1)
+  kwargs = dict(persistent=persistent, num_ctas=num_ctas, interpret=interpret)
+  return (*schedule.work_schedule(count, num_heads, batch, **kwargs),
+          *schedule.work_schedule(count_t, num_kv_heads, batch, **kwargs))
+
+
 def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: float, per_head_mask: bool,
-             config: Config | None = None, interpret: bool = False):
+             config: Config | None = None, interpret: bool = False, work=None):
   """Gradients of block-sparse attention from the forward's residuals.
 
   Args:
@@ -315,6 +374,8 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
     lists, transposed_lists: the mask's visit lists as int32 arrays (`BlockMask.lists`, `.transposed_lists`).
     bias: [NT, 128, 128] additive element masks in q's dtype (`mosaic_gpu.bias_tiles`).
     interpret: run the kernels in Mosaic GPU interpret mode (CPU).
+    work: `work_schedules(...)` for these lists (which CTA runs which tile), or None for the default persistent
+      schedule (then the lists' counts must be concrete).
 
   Returns:
     dq [B, T, H, D], dk, dv [B, S, Hkv, D] in q's dtype.
@@ -331,7 +392,11 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E).astype(jnp.float32)
   # 128 keys a step at D = 64; at D = 128, S and dP of 128 keys next to dQ would not fit the registers.
   st = _Static(sm_scale=sm_scale, group=h // hkv, per_head_mask=per_head_mask, head_dim=d,
-               key_step=128 if d <= 64 else 64, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret)
+               key_step=128 if d <= 64 else 64, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret,
+               batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K)
+  if work is None:
+    work = work_schedules(lists, transposed_lists, h, hkv, b, interpret=interpret)
+  dq_items, dq_lengths, dkv_items, dkv_lengths = (jnp.asarray(x, jnp.int32) for x in work)
   params = dict(num_threads=_WGS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=plgpu.InterpretGPUParams() if interpret else None)
   args = (q, k, v, do, lse2, delta)
@@ -349,10 +414,10 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
           (*_barriers(4, _WGS), *_barriers(2, stages), plgpu.Barrier(num_barriers=stages * _WGS),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
       ],
-      grid=(t // MASK_BLOCK_Q, h, b),
-      grid_names=("tiles", "heads", "batch"),
+      grid=(dq_items.shape[0],),
+      grid_names=("ctas",),
       **params,
-  )(*lists, bias, *args)
+  )(dq_items, dq_lengths, *lists, bias, *args)
 
   stages = config.num_stages_dkv
   bias_t = jnp.swapaxes(bias, 1, 2)  # [NT, keys, queries]: the dk/dv kernel's S^T orientation
@@ -368,8 +433,8 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
           (*_barriers(2, _WGS), *_barriers(4, stages), plgpu.Barrier(num_barriers=stages * _WGS),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
       ],
-      grid=(s // MASK_BLOCK_K, hkv, b),
-      grid_names=("tiles", "heads", "batch"),
+      grid=(dkv_items.shape[0],),
+      grid_names=("ctas",),
       **params,
-  )(*transposed_lists, bias_t, *args)
+  )(dkv_items, dkv_lengths, *transposed_lists, bias_t, *args)
   return dq, dk, dv

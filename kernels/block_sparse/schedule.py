@@ -8,7 +8,12 @@ per item it is simply the launch order.
 
 import heapq
 
+import jax
 import numpy as np
+
+# A row's fixed cost (loading its Q, storing its O, the first product before any overlap) in key tiles.
+ITEM_OVERHEAD_TILES = 2
+_INTERPRET_CTAS = 4
 
 
 def lpt_schedule(costs: np.ndarray, num_ctas: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,3 +46,21 @@ def lpt_schedule(costs: np.ndarray, num_ctas: int) -> tuple[np.ndarray, np.ndarr
   for cta, row in enumerate(per_cta):
     items[cta, :len(row)] = row
   return items, lengths
+
+
+def work_schedule(count: np.ndarray, num_heads: int, batch: int, *, persistent: bool, num_ctas: int | None,
+                  interpret: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Items (row, head, batch), numbered (head * R + row) * batch + b, assigned to CTAs longest first.
+
+  count: int [Hm, R] listed tiles per row (Hm = 1: shared by all heads; else Hm = num_heads). persistent: one CTA
+  per SM (or `num_ctas`; 4 in interpret mode) running several items each; else one CTA per item.
+  """
+  count = np.asarray(count)
+  count = np.broadcast_to(count, (num_heads, count.shape[-1]))
+  costs = np.repeat(count.reshape(-1) + ITEM_OVERHEAD_TILES, batch)
+  if not persistent:
+    return lpt_schedule(costs, costs.size)
+  if num_ctas is None:
+    # One CTA per SM: the kernels' shared memory allows no more.
+    num_ctas = _INTERPRET_CTAS if interpret else jax.devices()[0].core_count
+  return lpt_schedule(costs, min(costs.size, num_ctas))
