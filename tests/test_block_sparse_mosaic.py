@@ -34,7 +34,8 @@ def _rows_attending_nothing(t, s, block_k):
 
 
 _GRID = block_sparse_mosaic.Config(persistent=False)  # one CTA per row
-_O_VIA_SMEM = block_sparse_mosaic.Config(prefetch_q=False)  # persistent, O leaving through Q's buffer
+# Persistent, Q double-buffered (the next row's loads during this one), one slot for the partial tiles' masks.
+_Q_BUFFERS_2 = block_sparse_mosaic.Config(q_buffers=2, bias_stages=1)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,7 @@ _O_VIA_SMEM = block_sparse_mosaic.Config(prefetch_q=False)  # persistent, O leav
         # The Mosaic backward from here on (128 x 128 tiles): one pattern per head, rows with nothing or a single
         # key to attend, T != S.
         pytest.param(256, 384, 2, 2, 64, 128, lambda t, s, bk: stack_heads(
-            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _O_VIA_SMEM,
+            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _Q_BUFFERS_2,
                      id="per-head-empty-rows-T<S-bk128"),
         # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
         # crosses from one query head's list to the next).
@@ -90,18 +91,24 @@ def test_interpret_race_detector_finds_no_race(capsys):
   q, k, v, _ = inputs(1, t, t, 1, 1, 64, jnp.bfloat16)
   lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
-  # Persistent with 1 CTA: both rows' tiles pass through one ring (the second row's loads overlap the first's end).
-  o, lse = block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.125, per_head_mask=False,
-                                       config=block_sparse_mosaic.Config(persistent=True, num_ctas=1),
+  # Persistent with 1 CTA: both rows' tiles pass through one ring (the second row's loads overlap the first's end),
+  # the second row's Q loads into the other buffer during the first, and the masks share one slot.
+  config = block_sparse_mosaic.Config(num_ctas=1, q_buffers=2, bias_stages=1)
+  o, lse = block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.125, per_head_mask=False, config=config,
                                        interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert_close(o, block_sparse_reference(q, k, v, mask, sm_scale=0.125), 1e-2, "o")
   assert np.isfinite(np.asarray(lse)).all()
   assert "RACE DETECTED" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("d,block_k,persistent", [(128, 128, False), (128, 128, True), (128, 64, False),
-                                                  (64, 128, False)])
-def test_lowers_for_cuda(d, block_k, persistent):
+_PERSISTENT_132 = block_sparse_mosaic.Config(num_ctas=132)
+
+
+@pytest.mark.parametrize("d,block_k,config", [
+    (128, 128, _GRID), (128, 128, _PERSISTENT_132),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=2, bias_stages=1)),
+    (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132)])
+def test_lowers_for_cuda(d, block_k, config):
   """The Mosaic GPU lowering (wgmma and bias layouts, the shared-memory budget) runs without a GPU."""
   t = 1024
   mask = local(t, 300, block_q=128, block_k=block_k) | global_tokens(t, (0,), block_q=128, block_k=block_k)
@@ -109,7 +116,6 @@ def test_lowers_for_cuda(d, block_k, persistent):
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((1, t, 4, d), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
-  config = block_sparse_mosaic.Config(persistent=persistent, num_ctas=132)
   f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False,
                                                           config=config))
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
@@ -166,6 +172,15 @@ def test_unsupported_problems_name_the_argument():
     block_sparse_mosaic.Config(num_stages=1)
   with pytest.raises(ValueError, match="num_ctas"):
     block_sparse_mosaic.Config(num_ctas=0)
+  with pytest.raises(ValueError, match="q_buffers=3"):
+    block_sparse_mosaic.Config(q_buffers=3)
+  with pytest.raises(ValueError, match="persistent"):
+    block_sparse_mosaic.Config(q_buffers=2, persistent=False)
+  with pytest.raises(ValueError, match="bias_stages"):
+    block_sparse_mosaic.Config(bias_stages=0)
+  with pytest.raises(ValueError, match="shared memory"):  # two Q buffers and two bias slots at D = 128
+    block_sparse_attention(*inputs(1, 256, 256, 1, 1, 128, jnp.bfloat16)[:3], local(256, 64), impl="mosaic",
+                           mosaic_config=block_sparse_mosaic.Config(q_buffers=2))
   with pytest.raises(ValueError, match="backward='triton'"):
     block_sparse_mosaic.Config(backward="triton")
   with pytest.raises(ValueError, match="num_stages_dkv"):
@@ -192,10 +207,10 @@ def test_gpu_matches_reference(mask_name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
 def test_gpu_forward_configs_match_reference(mask_name):
-  """The persistent forward on 20 CTAs (2 x 8 x 8 = 128 items: several per CTA), with O through shared memory,
-  and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
+  """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with two Q buffers and one
+  bias slot, and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
-  for config in (block_sparse_mosaic.Config(num_ctas=20), block_sparse_mosaic.Config(num_ctas=20, prefetch_q=False),
-                 _GRID):
+  for config in (block_sparse_mosaic.Config(num_ctas=20),
+                 block_sparse_mosaic.Config(num_ctas=20, q_buffers=2, bias_stages=1), _GRID):
     compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

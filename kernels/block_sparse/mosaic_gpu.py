@@ -40,19 +40,22 @@ _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Pipeline depth of the Mosaic GPU block-sparse forward (the tiles are the mask's)."""
+  """Pipelining of the Mosaic GPU block-sparse forward (the tiles are the mask's)."""
 
-  num_stages: int = 2  # depth of the K/V (and bias) shared-memory ring
+  num_stages: int = 2  # depth of the K/V shared-memory ring
   # False: one CTA per (mask row, head, batch), launched longest row first. True: a persistent grid of `num_ctas`
   # CTAs, each running a longest-first share of the rows with one K/V ring across them, so a CTA's start-up (and
   # the ring's first fill) is paid once instead of per row: short rows (narrow windows) are otherwise dominated
   # by it. The Mosaic backward's two kernels follow the same choice.
   persistent: bool = True
-  # True: each row's O goes from registers straight to global memory, so Q's shared buffer is free once the row's
-  # last S = Q K^T is done and the next row's Q loads under the epilogue; False: O leaves through that buffer.
-  # Off: the register stores (a few bytes per thread, scattered) cost more than the Q load they hide (H200: 0-28%
-  # slower forward, benchmarks/results/block_sparse_mosaic_persistent.md).
-  prefetch_q: bool = False
+  # Depth of the ring of partial tiles' element masks (None: num_stages). A slot is released as soon as both
+  # consumers have added it to S, so one slot mostly keeps up, and frees shared memory for a second Q buffer.
+  bias_stages: int | None = None
+  # 2: each consumer double-buffers Q, loading the next row's while it works on this one (O leaves through the
+  # row's own Q buffer); 1: the next row's Q loads only after this row's O has left, and the consumer waits for it.
+  # (Storing O straight from registers instead, to free the one buffer early, was 0-28% slower on an H200:
+  # benchmarks/results/block_sparse_mosaic_persistent.md.)
+  q_buffers: int = 1
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -65,10 +68,21 @@ class Config:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be at least 1 (or None: the GPU's SM count)")
+    if self.bias_stages is not None and self.bias_stages < 1:
+      raise ValueError(f"bias_stages={self.bias_stages} must be at least 1 (or None: num_stages)")
+    if self.q_buffers not in (1, 2):
+      raise ValueError(f"q_buffers={self.q_buffers} is not valid; choose 1 or 2")
+    if self.q_buffers == 2 and not self.persistent:
+      raise ValueError("q_buffers=2 needs persistent=True (a CTA per row has no next row to load)")
+
+  @property
+  def resolved_bias_stages(self) -> int:
+    return self.num_stages if self.bias_stages is None else self.bias_stages
 
   def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int) -> int:
     """Q/O tiles of both consumers, the K and V rings and the bias ring."""
-    return (MASK_BLOCK_Q * head_dim + self.num_stages * block_k * (2 * head_dim + MASK_BLOCK_Q)) * itemsize
+    return (self.q_buffers * MASK_BLOCK_Q * head_dim + self.num_stages * block_k * 2 * head_dim
+            + self.resolved_bias_stages * MASK_BLOCK_Q * block_k) * itemsize
 
 
 def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, config: Config | None = None) -> list[str]:
@@ -86,7 +100,8 @@ def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, con
   if not reasons:
     smem = (config or Config()).shared_memory_bytes(q.shape[-1], mask_block_k, q.dtype.itemsize)
     if smem > _SHARED_MEMORY_BYTES:
-      reasons.append(f"{smem} bytes of shared memory (limit {_SHARED_MEMORY_BYTES}; lower num_stages)")
+      reasons.append(f"{smem} bytes of shared memory (limit {_SHARED_MEMORY_BYTES}; lower num_stages, bias_stages "
+                     "or q_buffers)")
   return reasons
 
 
@@ -112,10 +127,11 @@ class _Static:
 
 def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref,
             v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready,
-            k_consumed, v_consumed, schedule, *, static: _Static):
+            k_consumed, v_consumed, bias_consumed, schedule, *, static: _Static):
   """One CTA: the work items (mask row of 128 query rows, head, batch) `items_ref` lists for it, in turn; the K/V
   ring runs on across items, so the producer streams the next row's tiles while the consumers finish a row."""
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
+  bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.q_buffers
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
   num_items = num_items_ref[cta]
 
@@ -134,9 +150,8 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
   @pl.when(wg < _CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    q_smem = qo_smem.at[wg]
 
-    def step(j, carry, start, masked):
+    def step(j, carry, q_smem, start, bias_start, masked):
       acc, m, l = carry
       slot = lax.rem(start + j, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
@@ -149,8 +164,12 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       s = pl.run_scoped(logits, plgpu.ACC((bq, bk), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
       if masked:
-        plgpu.barrier_wait(bias_ready.at[slot * _CONSUMERS + wg])
-        s = s + plgpu.load(bias_smem.at[slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        bias_slot = lax.rem(bias_start + j, jnp.int32(bias_stages))
+        plgpu.barrier_wait(bias_ready.at[bias_slot * _CONSUMERS + wg])
+        s = s + plgpu.load(bias_smem.at[bias_slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        if static.interpret:
+          plgpu.commit_smem()  # the generic-proxy read before the slot's TMA refill
+        plgpu.barrier_arrive(bias_consumed.at[bias_slot])
       m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
       if masked:
         # A row that has attended nothing yet (all -inf so far) keeps zero weight instead of exp2(-inf + inf).
@@ -178,55 +197,58 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_new, l
 
-    def load_q(i):
+    def load_q(i, buffer):
       batch, head, row_tile, *_ = work(i)
       row = row_tile * MASK_BLOCK_Q + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], q_smem, q_ready.at[wg])
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], qo_smem.at[buffer, wg],
+                              q_ready.at[buffer * _CONSUMERS + wg])
 
-    def item(i, start):
-      """Runs item i, whose K/V tiles begin at ring position `start`; returns where the next item's begin."""
+    def item(i, carry):
+      """Runs item i, whose K/V tiles begin at ring position `start` (its partial tiles' masks at `bias_start`);
+      returns where the next item's begin."""
+      start, bias_start = carry
       batch, head, row_tile, _, num_full, count = work(i)
       row = row_tile * MASK_BLOCK_Q + wg * bq
-      if not static.config.prefetch_q:
-        # The previous item's O leaves from this buffer: wait until the copy has read it.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        load_q(i)
+      buffer = lax.rem(i, jnp.int32(q_buffers))
+      q_smem = qo_smem.at[buffer, wg]
+      # The previous item's O leaves from its Q buffer: wait until the copy has read it, then refill that buffer
+      # (with this row's Q when there is one buffer, with the next row's when there are two).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if q_buffers == 1:
+        load_q(i, 0)
+      else:
+        pl.when(i + 1 < num_items)(lambda: load_q(i + 1, 1 - buffer))
       d = q_smem.shape[-1]
       m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-      plgpu.barrier_wait(q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[buffer * _CONSUMERS + wg])
       pl.when(wg == 1)(take_turn)  # consumer 0 goes first
-      carry = lax.fori_loop(0, num_full, functools.partial(step, start=start, masked=False), (acc, m, l))
-      acc, m, l = lax.fori_loop(num_full, count, functools.partial(step, start=start, masked=True), carry)
+      body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full)
+      carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), (acc, m, l))
+      acc, m, l = lax.fori_loop(num_full, count, functools.partial(body, masked=True), carry)
       pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
-      if static.config.prefetch_q:
-        # The row's last S = Q K^T has completed, so Q's buffer is free: the next row's Q loads under this epilogue.
-        pl.when(i + 1 < num_items)(lambda: load_q(i + 1))
 
       empty = l == 0.0
       safe_l = jnp.where(empty, 1.0, l)
-      o = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
-      if static.config.prefetch_q:
-        o_ref.at[batch, pl.ds(row, bq), head][...] = o  # straight from registers: Q's buffer is taken
-      else:
-        q_smem[...] = o
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
+      q_smem[...] = (acc * lax.broadcast_in_dim(1.0 / safe_l, acc.shape, [0])).astype(static.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(row, bq), head])
       # Straight from registers: a shared-memory staging buffer for it would not fit beside the rings at D = 128.
       lse_ref.at[batch, head, pl.ds(row, bq)][...] = jnp.where(empty, -jnp.inf, m * LN_2 + jnp.log(safe_l))
-      return start + count
+      return start + count, bias_start + count - num_full
 
-    if static.config.prefetch_q:
-      pl.when(num_items > 0)(lambda: load_q(0))
-    lax.fori_loop(0, num_items, item, jnp.int32(0))
+    if q_buffers == 2:
+      pl.when(num_items > 0)(lambda: load_q(0, 0))
+    lax.fori_loop(0, num_items, item, (jnp.int32(0), jnp.int32(0)))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def item(i, start):
+    def item(i, carry):
+      start, bias_start = carry
       batch, head, row_tile, mask_head, num_full, count = work(i)
       kv_head = lax.div(head, jnp.int32(static.group))
 
@@ -250,22 +272,32 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
         @pl.when(j >= num_full)
         def _():
-          # The bias slot is free once V's is: both consumers add it to S before their P V.
+          bias_position = bias_start + j - num_full
+          bias_slot = lax.rem(bias_position, jnp.int32(bias_stages))
+
+          @pl.when(bias_position >= bias_stages)
+          def _():
+            plgpu.barrier_wait(bias_consumed.at[bias_slot])
+
           tile = tile_ids_ref[mask_head, row_tile, j]
           for c in range(_CONSUMERS):
-            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[slot, c],
-                                    bias_ready.at[slot * _CONSUMERS + c])
+            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[bias_slot, c],
+                                    bias_ready.at[bias_slot * _CONSUMERS + c])
 
-      return start + count
+      return start + count, bias_start + count - num_full
 
-    total = lax.fori_loop(0, num_items, item, jnp.int32(0))
+    total, bias_total = lax.fori_loop(0, num_items, item, (jnp.int32(0), jnp.int32(0)))
 
-    # Observe the release of the last tiles too, so every warpgroup ends having seen every barrier phase.
+    # Observe the release of the last slots too, so every warpgroup ends having seen every barrier phase.
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(position):
       slot = lax.rem(position, jnp.int32(stages))
       plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.barrier_wait(v_consumed.at[slot])
+
+    @pl.loop(jnp.maximum(bias_total - bias_stages, 0), bias_total)
+    def _(position):
+      plgpu.barrier_wait(bias_consumed.at[lax.rem(position, jnp.int32(bias_stages))])
 
 
 def work_schedule(count: np.ndarray, num_heads: int, batch: int, config: Config, interpret: bool = False):
@@ -298,18 +330,19 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
   items, num_items = (jnp.asarray(x, jnp.int32) for x in work)
   static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
                    block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows)
-  stages = config.num_stages
+  stages, bias_stages, q_buffers = config.num_stages, config.resolved_bias_stages, config.q_buffers
   scratch = (
-      plgpu.SMEM((_CONSUMERS, _ROWS, d), q.dtype, transforms=_TRANSFORMS),  # Q, then O, per consumer
+      plgpu.SMEM((q_buffers, _CONSUMERS, _ROWS, d), q.dtype, transforms=_TRANSFORMS),  # Q, then O, per consumer
       plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
       plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
-      plgpu.SMEM((stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows per consumer
-      plgpu.Barrier(num_barriers=_CONSUMERS),  # Q landed
+      plgpu.SMEM((bias_stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows
+      plgpu.Barrier(num_barriers=q_buffers * _CONSUMERS),  # Q landed, per buffer and consumer
       plgpu.Barrier(num_barriers=stages),  # K landed
       plgpu.Barrier(num_barriers=stages),  # V landed
-      plgpu.Barrier(num_barriers=stages * _CONSUMERS),  # bias rows landed, per slot and consumer
+      plgpu.Barrier(num_barriers=bias_stages * _CONSUMERS),  # bias rows landed, per slot and consumer
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # K slot free
-      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V (and bias) slot free
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V slot free
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=bias_stages),  # bias slot free
       plgpu.Barrier(num_arrivals=_CONSUMERS),  # tensor-core turn
   )
   return plgpu.kernel(
