@@ -1,10 +1,15 @@
-"""The block-sparse kernel (kernels.block_sparse) behind the `impl="pallas"` paths of the sparse mixers."""
+"""The block-sparse kernel (kernels.block_sparse) behind the `impl="pallas"` paths of the sparse mixers.
+
+On a GPU or TPU the kernel picks its fastest implementation for the problem (impl="auto": the Mosaic GPU kernels on
+Hopper where they apply, else the Pallas ones); on CPU the Pallas kernels run in interpret mode, for tests.
+"""
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from efficient_attention.parallel import shard_over_batch
+from kernels import backend
 from kernels.block_sparse import BlockMask, block_sparse_attention
 
 # Largest kernel tile: the GPU kernels' best measured tile for bf16, D <= 128 (kernels/flash_attention).
@@ -19,11 +24,12 @@ def kernel_tile(length: int) -> int:
 def block_sparse_with_padding_mask(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: BlockMask, key_mask: jax.Array | None
 ) -> jax.Array:
-  """block_sparse_attention (impl="pallas") with a [B, S] padding mask, which must be right padding.
+  """block_sparse_attention (its kernels) with a [B, S] padding mask, which must be right padding.
 
   The kernel takes padding as lengths; a row whose mask has a hole comes out as NaN rather than silently wrong.
   """
-  sparse = lambda q, k, v, lengths: block_sparse_attention(q, k, v, mask, kv_lengths=lengths, impl="pallas")
+  impl = "auto" if backend.has_pallas_kernels() else "pallas"
+  sparse = lambda q, k, v, lengths: block_sparse_attention(q, k, v, mask, kv_lengths=lengths, impl=impl)
   if key_mask is None:
     return shard_over_batch(sparse, q, k, v, None)
   lengths = key_mask.sum(axis=1, dtype=jnp.int32)

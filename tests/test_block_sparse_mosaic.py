@@ -138,6 +138,25 @@ def test_backward_lowers_for_cuda(d):
   assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
 
 
+def test_auto_takes_mosaic_on_hopper_where_it_applies(monkeypatch):
+  """impl="auto" on an sm_90 GPU: the Mosaic kernels for what they take, the Triton-lowering ones otherwise."""
+  from kernels import backend
+  from kernels.block_sparse import api
+  from kernels.flash_attention import api as flash_api
+  monkeypatch.setattr(backend, "on_gpu", lambda: True)
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  choose = lambda q=q, mask=local(256, 64), lengths=None, blocks=None: api._auto_impl(q, mask, lengths, blocks, None)
+  monkeypatch.setattr(flash_api, "_hopper", lambda: True)
+  assert choose() == "mosaic"
+  assert choose(mask=local(256, 64, block_k=64)) == "mosaic"
+  assert choose(q=q.astype(jnp.float32)) == "pallas"
+  assert choose(mask=local(256, 64, block_q=64, block_k=64)) == "pallas"
+  assert choose(lengths=jnp.array([100])) == "pallas"
+  assert choose(blocks=SMALL_TILES) == "pallas"
+  monkeypatch.setattr(flash_api, "_hopper", lambda: False)
+  assert choose() == "pallas"
+
+
 def test_lpt_schedule_balances_and_covers_every_item():
   rng = np.random.default_rng(0)
   costs = np.concatenate([[130.0, 130.0], rng.integers(5, 12, 500)])  # two BigBird-like global rows

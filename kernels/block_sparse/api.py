@@ -11,6 +11,7 @@ from kernels import backend
 from kernels.block_sparse import mosaic_gpu, mosaic_gpu_bwd, pallas_gpu, pallas_tpu
 from kernels.block_sparse.mask import BlockMask
 from kernels.block_sparse.reference import block_sparse_reference
+from kernels.flash_attention import api as flash_api
 from kernels.flash_attention.api import check_kv_lengths, check_qkv
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "mosaic")
@@ -44,8 +45,8 @@ def block_sparse_attention(
       TPU, else the GPU ones; interpret mode off their platform), "mosaic" (Hopper kernels in Pallas' Mosaic GPU
       lowering, kernels/block_sparse/mosaic_gpu.py and mosaic_gpu_bwd.py; bf16/fp16, D 64 or 128, mask tiles
       128 x 64 or 128 x 128, no kv_lengths; the backward is the "pallas" one for 128 x 64 tiles or when
-      mosaic_config.backward says so; interpret mode off GPU), or "auto" (Pallas on GPU and TPU, the reference
-      elsewhere).
+      mosaic_config.backward says so; interpret mode off GPU), or "auto" ("mosaic" on Hopper where it takes the
+      problem and block_sizes is None, else "pallas" on GPU and TPU, the reference elsewhere).
     block_sizes: kernel tiles (default: the platform's `BlockSizes.get_default(D)`), capped at the mask's tiles.
       The TPU kernels take the row tiles (block_q, block_q_dq, block_k_dkv; the last only in whole multiples of
       128) and visit whole mask tiles along the reduction. With impl="mosaic" they are the backward's.
@@ -57,7 +58,7 @@ def block_sparse_attention(
   _validate(q, k, v, mask, kv_lengths, impl)
   scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
   if impl == "auto":
-    impl = "pallas" if backend.has_pallas_kernels() else "xla"
+    impl = _auto_impl(q, mask, kv_lengths, block_sizes, mosaic_config)
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
   if impl == "mosaic":
@@ -68,6 +69,20 @@ def block_sparse_attention(
   platform = backend.pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
                            interpret=jax.default_backend() != platform, platform=platform)
+
+
+def _auto_impl(q, mask: BlockMask, kv_lengths, block_sizes, mosaic_config) -> str:
+  """The fastest measured implementation that takes the problem: on Hopper the Mosaic GPU kernels (one H200,
+  benchmarks/results/block_sparse_mosaic.md: 1.8-2.1x the Triton-lowering forward, 1.4-1.5x its forward+backward
+  on sliding windows and BigBird at 8K-32K), the Triton-lowering kernels on other GPUs and for what Mosaic does not
+  take (fp32, kv_lengths, mask tiles other than 128 x 64 / 128 x 128, explicit Triton tiles); Mosaic TPU on TPU;
+  the reference elsewhere."""
+  if backend.on_gpu():
+    if (flash_api._hopper() and block_sizes is None
+        and not mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config)):
+      return "mosaic"
+    return "pallas"
+  return "pallas" if backend.pallas_platform() == "tpu" else "xla"
 
 
 def _validate(q, k, v, mask, kv_lengths, impl):
