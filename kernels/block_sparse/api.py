@@ -73,7 +73,7 @@ def block_sparse_attention(
 
 def _auto_impl(q, mask: BlockMask, kv_lengths, block_sizes, mosaic_config) -> str:
   """The fastest measured implementation that takes the problem: on Hopper the Mosaic GPU kernels (one H200,
-  benchmarks/results/block_sparse_mosaic.md: 1.8-2.1x the Triton-lowering forward, 1.4-1.5x its forward+backward
+  benchmarks/results/block_sparse_mosaic.md: 1.8-2.2x the Triton-lowering forward, 1.4-1.6x its forward+backward
   on sliding windows and BigBird at 8K-32K), the Triton-lowering kernels on other GPUs and for what Mosaic does not
   take (fp32, kv_lengths, mask tiles other than 128 x 64 / 128 x 128, explicit Triton tiles); Mosaic TPU on TPU;
   the reference elsewhere."""
