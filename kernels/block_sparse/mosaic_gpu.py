@@ -2,10 +2,15 @@
 
 The warp-specialised design of kernels/flash_attention/mosaic_gpu.py (two consumer warpgroups of 64 query rows
 taking turns on the tensor cores, one producer streaming K/V tiles by TMA through a ring), with the key loop
-driven by the mask's visit lists: a CTA owns one 128-row mask tile row of one (batch, head), and its producer reads
-the row's list entry by entry (key tile index, and for a partial tile the index of its element mask) from global
-memory. Full tiles come first and run without a mask; each partial tile's element mask travels with its K/V tile
-as an additive bf16/fp16 bias (0 attended, -inf not), loaded into the wgmma accumulator layout and added to S.
+driven by the mask's visit lists: a work item is one 128-row mask tile row of one (batch, head), and the producer
+reads the row's list entry by entry (key tile index, and for a partial tile the index of its element mask) from
+global memory. Full tiles come first and run without a mask; each partial tile's element mask travels beside its
+K/V tile as an additive bf16/fp16 bias (0 attended, -inf not), loaded into the wgmma accumulator layout and added
+to S.
+
+Which CTA runs which items is a longest-first schedule (schedule.py). By default one CTA per SM runs its share of
+the rows in turn with one K/V ring across them (Config.persistent), so a CTA's start-up and the ring's first fill
+are paid once rather than per row.
 
 Rows may attend nothing (in a partial tile, or with an empty list): the softmax keeps such rows at zero weight
 and they give o = 0 and lse = -inf, as the Triton kernel. The backward (mosaic_gpu_bwd.py, or the Triton
