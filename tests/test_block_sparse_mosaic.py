@@ -223,6 +223,18 @@ def test_gpu_matches_reference(mask_name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_head_dim_64_and_fp16(dtype):
+  """D = 64 (the dq kernel takes whole 128-key tiles) and fp16, T != S, through impl="auto" on Hopper."""
+  t, s = 768, 1024
+  q, k, v, do = inputs(1, t, s, 4, 4, 64, dtype)
+  mask = local(t, 300, s) | global_tokens(t, (0, 513), s)
+  from kernels.block_sparse import api
+  assert api._auto_impl(q, mask, None, None, None) == "mosaic"  # on an H100/H200
+  compare(q, k, v, do, mask, block_sizes=None, impl="auto")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
 def test_gpu_forward_configs_match_reference(mask_name):
   """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with two Q buffers and one
