@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.block_sparse import bigbird, block_sparse_attention, from_dense, global_tokens, local, stack_heads
+from kernels.block_sparse import (bigbird, block_sparse_attention, causal, from_dense, global_tokens, local,
+                                  stack_heads)
 from kernels.block_sparse import mosaic_gpu as block_sparse_mosaic
 from kernels.block_sparse import mosaic_gpu_bwd as block_sparse_mosaic_bwd
 from kernels.block_sparse import schedule
@@ -83,6 +84,34 @@ def test_interpret_persistent_matches_reference():
   assert not np.asarray(o[0, 130:150, 1], np.float32).any()
 
 
+def test_band_bounds_describe_window_tiles_exactly():
+  for mask in (local(384, 100, 512), local(384, (70, 30), causal=False), causal(256, 384, block_k=64)):
+    bounds = block_sparse_mosaic.band_bounds(mask.tiles, mask.lists.tiles)
+    assert bounds is not None
+    lists = mask.lists
+    for head, row, entry in zip(*np.nonzero(np.arange(lists.blocks.shape[-1]) >= lists.num_full[..., None])):
+      if entry >= lists.count[head, row]:
+        continue
+      lo, hi = bounds[head, row, entry]
+      tile = mask.tiles[lists.tiles[head, row, entry]]
+      diagonal = np.arange(tile.shape[1])[None, :] - np.arange(tile.shape[0])[:, None]
+      np.testing.assert_array_equal((diagonal >= lo) & (diagonal <= hi), tile)
+  mixed = local(384, 100) | global_tokens(384, (5,))
+  assert block_sparse_mosaic.band_bounds(mixed.tiles, mixed.lists.tiles) is None
+
+
+def test_interpret_band_masks_match_reference():
+  """Partial tiles masked in the kernel from band bounds (no bias ring), with two Q buffers: a causal window and
+  T < S (the band's offset), rows per consumer at both halves of the tile. (A mask with other partial tiles keeps
+  the bias: `_mosaic_bands` gives None.)"""
+  from kernels.block_sparse import api
+  t, s = 256, 384
+  q, k, v, do = inputs(1, t, s, 2, 1, 64, jnp.bfloat16)
+  config = block_sparse_mosaic.Config(band_masks=True, q_buffers=2, num_ctas=1)
+  assert api._mosaic_bands(local(t, 100, s) | global_tokens(t, (5,), s), config) is None
+  compare(q, k, v, do, local(t, 100, s), block_sizes=SMALL_TILES, impl="mosaic", mosaic_config=config)
+
+
 def test_interpret_race_detector_finds_no_race(capsys):
   """The happens-before race detector over the K/V/bias ring: 3 masked tiles per row in a 2-slot ring."""
   t = 256
@@ -106,17 +135,22 @@ _PERSISTENT_132 = block_sparse_mosaic.Config(num_ctas=132)
 @pytest.mark.parametrize("d,block_k,config", [
     (128, 128, _GRID), (128, 128, _PERSISTENT_132),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=2, bias_stages=1)),
-    (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132)])
+    (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, q_buffers=2)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, num_stages=3))])
 def test_lowers_for_cuda(d, block_k, config):
   """The Mosaic GPU lowering (wgmma and bias layouts, the shared-memory budget) runs without a GPU."""
   t = 1024
-  mask = local(t, 300, block_q=128, block_k=block_k) | global_tokens(t, (0,), block_q=128, block_k=block_k)
+  mask = local(t, 300, block_q=128, block_k=block_k)
+  if not config.band_masks:  # partial tiles that are not bands: the bias ring
+    mask = mask | global_tokens(t, (0,), block_q=128, block_k=block_k)
+  bands = block_sparse_mosaic.band_bounds(mask.tiles, mask.lists.tiles) if config.band_masks else None
   lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((1, t, 4, d), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
   f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False,
-                                                          config=config))
+                                                          config=config, bands=bands))
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -220,6 +254,17 @@ def test_gpu_matches_reference(mask_name):
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
   compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [block_sparse_mosaic.Config(band_masks=True, q_buffers=2),
+                                    block_sparse_mosaic.Config(band_masks=True, num_stages=3, num_ctas=20)])
+def test_gpu_band_masks_match_reference(config):
+  """Window masks from band bounds in the kernel (no bias ring), with a second Q buffer or a third K/V stage."""
+  t, s = 1024, 1280
+  q, k, v, do = inputs(2, t, s, 8, 2, 128, jnp.bfloat16)
+  for mask in (local(t, 256, s), local(t, (200, 100), s, causal=False)):
+    compare(q, k, v, do, mask, block_sizes=None, impl="mosaic", mosaic_config=config)
 
 
 @pytest.mark.gpu

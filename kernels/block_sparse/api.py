@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -62,13 +63,22 @@ def block_sparse_attention(
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
   if impl == "mosaic":
-    if reasons := mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config):
+    band = _mosaic_bands(mask, mosaic_config) is not None
+    if reasons := mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config, band):
       raise ValueError(f"impl='mosaic' does not support {'; '.join(reasons)}; impl='pallas' takes every problem")
     return _mosaic_attention(q, k, v, mask, sm_scale=scale, block_sizes=block_sizes, config=mosaic_config,
                              interpret=not backend.on_gpu())
   platform = backend.pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
                            interpret=jax.default_backend() != platform, platform=platform)
+
+
+def _mosaic_bands(mask: BlockMask, config) -> np.ndarray | None:
+  """The Mosaic forward's band bounds of the mask's partial tiles, when config.band_masks asks for them and every
+  partial tile is a band; else None (the forward loads their bias)."""
+  if config is None or not config.band_masks:
+    return None
+  return mosaic_gpu.band_bounds(mask.tiles, mask.lists.tiles)
 
 
 def _auto_impl(q, mask: BlockMask, kv_lengths, block_sizes, mosaic_config) -> str:
@@ -78,8 +88,9 @@ def _auto_impl(q, mask: BlockMask, kv_lengths, block_sizes, mosaic_config) -> st
   take (fp32, kv_lengths, mask tiles other than 128 x 64 / 128 x 128, explicit Triton tiles); Mosaic TPU on TPU;
   the reference elsewhere."""
   if backend.on_gpu():
+    band = _mosaic_bands(mask, mosaic_config) is not None
     if (flash_api._hopper() and block_sizes is None
-        and not mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config)):
+        and not mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config, band)):
       return "mosaic"
     return "pallas"
   return "pallas" if backend.pallas_platform() == "tpu" else "xla"
@@ -176,20 +187,24 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
     work += mosaic_gpu_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, b, persistent=config.persistent,
                                           num_ctas=config.num_ctas, interpret=interpret)
   work = tuple(jnp.asarray(x) for x in work)
+  bands = _mosaic_bands(mask, config)
+  bands = None if bands is None else jnp.asarray(bands)
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
-              transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward)
+              transposed_lists, tiles, work, bands, static, blocks, config, interpret, mosaic_backward)
   return o[:, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _mosaic(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward):
-  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _mosaic(q, k, v, lists, transposed_lists, tiles, work, bands, static, blocks, config, interpret, mosaic_backward):
+  return _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, bands, static, blocks, config, interpret,
                      mosaic_backward)[0]
 
 
-def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, static, blocks, config, interpret, mosaic_backward):
+def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, bands, static, blocks, config, interpret,
+                mosaic_backward):
   o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
-                              per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work[:2])
+                              per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work[:2],
+                              bands=bands)
   return o, (q, k, v, o, lse, lists, transposed_lists, tiles, work[2:])
 
 
@@ -205,7 +220,7 @@ def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, d
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,
                                      blocks=blocks, interpret=interpret)
-  return dq, dk, dv, None, None, None, None
+  return dq, dk, dv, None, None, None, None, None
 
 
 _mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)

@@ -61,6 +61,11 @@ class Config:
   # (Storing O straight from registers instead, to free the one buffer early, was 0-28% slower on an H200:
   # benchmarks/results/block_sparse_mosaic_persistent.md.)
   q_buffers: int = 1
+  # True: where every partial tile's element mask is a diagonal band (sliding windows, causal edges), mask them in
+  # the kernel from two per-tile bounds on key - query instead of loading a bias; that frees the bias ring's
+  # shared memory (for q_buffers=2 or a third stage). Masks with other partial tiles keep the bias. (Not yet
+  # measured on a GPU, hence off.)
+  band_masks: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -84,13 +89,14 @@ class Config:
   def resolved_bias_stages(self) -> int:
     return self.num_stages if self.bias_stages is None else self.bias_stages
 
-  def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int) -> int:
-    """Q/O tiles of both consumers, the K and V rings and the bias ring."""
-    return (self.q_buffers * MASK_BLOCK_Q * head_dim + self.num_stages * block_k * 2 * head_dim
-            + self.resolved_bias_stages * MASK_BLOCK_Q * block_k) * itemsize
+  def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int, band: bool = False) -> int:
+    """Q/O tiles of both consumers, the K and V rings and (unless the masks are bands) the bias ring."""
+    bias = 0 if band else self.resolved_bias_stages * MASK_BLOCK_Q * block_k
+    return (self.q_buffers * MASK_BLOCK_Q * head_dim + self.num_stages * block_k * 2 * head_dim + bias) * itemsize
 
 
-def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, config: Config | None = None) -> list[str]:
+def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, config: Config | None = None,
+                        band: bool = False) -> list[str]:
   """Why this kernel cannot run the problem (empty when it can); q [B, T, H, D]."""
   reasons = []
   if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -103,7 +109,7 @@ def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, con
   if kv_lengths is not None:
     reasons.append("kv_lengths")
   if not reasons:
-    smem = (config or Config()).shared_memory_bytes(q.shape[-1], mask_block_k, q.dtype.itemsize)
+    smem = (config or Config()).shared_memory_bytes(q.shape[-1], mask_block_k, q.dtype.itemsize, band)
     if smem > _SHARED_MEMORY_BYTES:
       reasons.append(f"{smem} bytes of shared memory (limit {_SHARED_MEMORY_BYTES}; lower num_stages, bias_stages "
                      "or q_buffers)")
@@ -113,6 +119,25 @@ def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, con
 def bias_tiles(tiles: jax.Array, dtype) -> jax.Array:
   """int8 element masks [NT, bq, bk] (nonzero = attended) -> additive logit bias (0 or -inf) in `dtype`."""
   return jnp.where(tiles != 0, 0.0, -jnp.inf).astype(dtype)
+
+
+def band_bounds(tiles: np.ndarray, tile_ids: np.ndarray) -> np.ndarray | None:
+  """Per visit-list entry, (lo, hi) with a partial tile attending exactly lo <= key - query <= hi (tile-local
+  indices), as int32 [Hm, R, M, 2]; None when some partial tile is not such a band.
+
+  tiles: bool [NT, bq, bk], the mask's distinct partial tiles; tile_ids: int [Hm, R, M], each list entry's tile
+  (`BlockLists.tiles`; entries that are not partial get the bounds of tile 0 and are never read).
+  """
+  tiles = np.asarray(tiles, bool)
+  if not len(tiles):
+    return np.zeros((*tile_ids.shape, 2), np.int32)
+  _, bq, bk = tiles.shape
+  diagonal = np.arange(bk)[None, :] - np.arange(bq)[:, None]  # key - query
+  lo = np.where(tiles, diagonal, bk).min(axis=(1, 2))
+  hi = np.where(tiles, diagonal, -bq).max(axis=(1, 2))
+  if not np.array_equal((diagonal >= lo[:, None, None]) & (diagonal <= hi[:, None, None]), tiles):
+    return None
+  return np.stack([lo, hi], axis=-1).astype(np.int32)[tile_ids]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +153,21 @@ class _Static:
   interpret: bool
   batch: int  # B: a work item is (head * rows + row_tile) * B + batch
   num_rows: int  # mask rows (query tiles of 128)
+  band: bool  # partial tiles masked from per-entry (lo, hi) bounds instead of a loaded bias
 
 
-def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref,
-            v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready,
-            k_consumed, v_consumed, bias_consumed, schedule, *, static: _Static):
+def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, mask_ref, q_ref, k_ref,
+            v_ref, o_ref, lse_ref, *scratch, static: _Static):
   """One CTA: the work items (mask row of 128 query rows, head, batch) `items_ref` lists for it, in turn; the K/V
-  ring runs on across items, so the producer streams the next row's tiles while the consumers finish a row."""
+  ring runs on across items, so the producer streams the next row's tiles while the consumers finish a row.
+
+  mask_ref: the partial tiles' bias [NT, 128, bk], or with static.band the list entries' bounds [Hm, R, M, 2]."""
+  if static.band:
+    qo_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_consumed, v_consumed, schedule = scratch
+    bias_smem = bias_ready = bias_consumed = None
+  else:
+    (qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed, v_consumed,
+     bias_consumed, schedule) = scratch
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
   bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.q_buffers
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
@@ -156,9 +189,12 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
 
-    def step(j, carry, q_smem, start, bias_start, masked):
+    def step(j, carry, q_smem, start, bias_start, list_row, masked):
       acc, m, l = carry
       slot = lax.rem(start + j, jnp.int32(stages))
+      if masked and static.band:
+        # Read before the waits, so the loads' latency hides behind them and S.
+        lo, hi = mask_ref[list_row[0], list_row[1], j, 0], mask_ref[list_row[0], list_row[1], j, 1]
       plgpu.barrier_wait(k_ready.at[slot])
 
       def logits(s_ref):
@@ -168,7 +204,11 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
       s = pl.run_scoped(logits, plgpu.ACC((bq, bk), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
-      if masked:
+      if masked and static.band:
+        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
+        diagonal = iota(1) - iota(0) - wg * bq  # key - query within the 128 x bk mask tile
+        s = jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
+      elif masked:
         bias_slot = lax.rem(bias_start + j, jnp.int32(bias_stages))
         plgpu.barrier_wait(bias_ready.at[bias_slot * _CONSUMERS + wg])
         s = s + plgpu.load(bias_smem.at[bias_slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
@@ -212,7 +252,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       """Runs item i, whose K/V tiles begin at ring position `start` (its partial tiles' masks at `bias_start`);
       returns where the next item's begin."""
       start, bias_start = carry
-      batch, head, row_tile, _, num_full, count = work(i)
+      batch, head, row_tile, mask_head, num_full, count = work(i)
       row = row_tile * MASK_BLOCK_Q + wg * bq
       buffer = lax.rem(i, jnp.int32(q_buffers))
       q_smem = qo_smem.at[buffer, wg]
@@ -229,7 +269,8 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       plgpu.barrier_wait(q_ready.at[buffer * _CONSUMERS + wg])
       pl.when(wg == 1)(take_turn)  # consumer 0 goes first
-      body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full)
+      body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full,
+                               list_row=(mask_head, row_tile))
       carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), (acc, m, l))
       acc, m, l = lax.fori_loop(num_full, count, functools.partial(body, masked=True), carry)
       pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
@@ -275,19 +316,20 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-        @pl.when(j >= num_full)
-        def _():
-          bias_position = bias_start + j - num_full
-          bias_slot = lax.rem(bias_position, jnp.int32(bias_stages))
-
-          @pl.when(bias_position >= bias_stages)
+        if not static.band:
+          @pl.when(j >= num_full)
           def _():
-            plgpu.barrier_wait(bias_consumed.at[bias_slot])
+            bias_position = bias_start + j - num_full
+            bias_slot = lax.rem(bias_position, jnp.int32(bias_stages))
 
-          tile = tile_ids_ref[mask_head, row_tile, j]
-          for c in range(_CONSUMERS):
-            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[bias_slot, c],
-                                    bias_ready.at[bias_slot * _CONSUMERS + c])
+            @pl.when(bias_position >= bias_stages)
+            def _():
+              plgpu.barrier_wait(bias_consumed.at[bias_slot])
+
+            tile = tile_ids_ref[mask_head, row_tile, j]
+            for c in range(_CONSUMERS):
+              plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(c * bq, bq)], bias_smem.at[bias_slot, c],
+                                      bias_ready.at[bias_slot * _CONSUMERS + c])
 
       return start + count, bias_start + count - num_full
 
@@ -300,9 +342,10 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_wait(k_consumed.at[slot])
       plgpu.barrier_wait(v_consumed.at[slot])
 
-    @pl.loop(jnp.maximum(bias_total - bias_stages, 0), bias_total)
-    def _(position):
-      plgpu.barrier_wait(bias_consumed.at[lax.rem(position, jnp.int32(bias_stages))])
+    if not static.band:
+      @pl.loop(jnp.maximum(bias_total - bias_stages, 0), bias_total)
+      def _(position):
+        plgpu.barrier_wait(bias_consumed.at[lax.rem(position, jnp.int32(bias_stages))])
 
 
 def work_schedule(count: np.ndarray, num_heads: int, batch: int, config: Config, interpret: bool = False):
@@ -313,19 +356,21 @@ def work_schedule(count: np.ndarray, num_heads: int, batch: int, config: Config,
 
 
 def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, config: Config | None = None,
-            interpret: bool | plgpu.InterpretGPUParams = False, work=None):
+            interpret: bool | plgpu.InterpretGPUParams = False, work=None, bands=None):
   """q [B, T, H, D], k/v [B, S, Hkv, D] -> o [B, T, H, D], lse [B, H, T] (fp32, natural log; -inf: nothing seen).
 
   lists: the mask's visit lists (blocks, tiles, num_full, count) as int32 arrays (`BlockMask.lists`); bias:
   [NT, 128, block_k] additive element masks in q's dtype (`bias_tiles`). T must be a multiple of 128 and S of
   block_k (the mask's tiles). interpret: Mosaic GPU interpret mode (CPU), for tests. work: `work_schedule(...)`
-  for these lists and config, or None to compute it here (then the lists' counts must be concrete).
+  for these lists and config, or None to compute it here (then the lists' counts must be concrete). bands:
+  `band_bounds(...)` of the mask, int32 [Hm, R, M, 2], to mask the partial tiles from bounds instead of `bias`.
   """
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   config = config or Config()
   block_k = bias.shape[-1]
-  if reasons := unsupported_reasons(q, bias.shape[1], block_k, None, config):
+  band = bands is not None
+  if reasons := unsupported_reasons(q, bias.shape[1], block_k, None, config, band):
     raise ValueError(f"mosaic_gpu.forward does not support {', '.join(reasons)}")
   if t % MASK_BLOCK_Q or s % block_k:
     raise ValueError(f"T={t} must be a multiple of {MASK_BLOCK_Q} and S={s} of block_k={block_k}")
@@ -334,20 +379,25 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
     work = work_schedule(np.asarray(lists[3]), h, b, config, bool(interpret))
   items, num_items = (jnp.asarray(x, jnp.int32) for x in work)
   static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
-                   block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows)
+                   block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows, band=band)
   stages, bias_stages, q_buffers = config.num_stages, config.resolved_bias_stages, config.q_buffers
+  bias_scratch = (
+      plgpu.SMEM((bias_stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows
+      plgpu.Barrier(num_barriers=bias_stages * _CONSUMERS),  # bias rows landed, per slot and consumer
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=bias_stages),  # bias slot free
+  )
   scratch = (
       plgpu.SMEM((q_buffers, _CONSUMERS, _ROWS, d), q.dtype, transforms=_TRANSFORMS),  # Q, then O, per consumer
       plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
       plgpu.SMEM((stages, block_k, d), q.dtype, transforms=_TRANSFORMS),
-      plgpu.SMEM((bias_stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows
+      *(() if band else bias_scratch[:1]),
       plgpu.Barrier(num_barriers=q_buffers * _CONSUMERS),  # Q landed, per buffer and consumer
       plgpu.Barrier(num_barriers=stages),  # K landed
       plgpu.Barrier(num_barriers=stages),  # V landed
-      plgpu.Barrier(num_barriers=bias_stages * _CONSUMERS),  # bias rows landed, per slot and consumer
+      *(() if band else bias_scratch[1:2]),
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # K slot free
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V slot free
-      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=bias_stages),  # bias slot free
+      *(() if band else bias_scratch[2:]),
       plgpu.Barrier(num_arrivals=_CONSUMERS),  # tensor-core turn
   )
   return plgpu.kernel(
@@ -361,4 +411,4 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
-  )(items, num_items, *lists, bias, q, k, v)
+  )(items, num_items, *lists, bands if band else bias, q, k, v)
