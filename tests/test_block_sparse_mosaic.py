@@ -101,12 +101,12 @@ def test_band_bounds_describe_window_tiles_exactly():
 
 
 def test_interpret_band_masks_match_reference():
-  """Partial tiles masked in the kernel from band bounds (no bias ring), with two Q buffers: a causal window and
-  T < S (the band's offset), rows per consumer at both halves of the tile. (A mask with other partial tiles keeps
-  the bias: `_mosaic_bands` gives None.)"""
+  """Partial tiles masked in the kernels from band bounds (no bias ring), forward with two Q buffers, and the
+  backward: a causal window and T < S (the band's offset), each warpgroup's rows and each 64-key or 64-query step
+  at its place in the tile. (A mask with other partial tiles keeps the bias: `_mosaic_bands` gives None.)"""
   from kernels.block_sparse import api
   t, s = 256, 384
-  q, k, v, do = inputs(1, t, s, 2, 1, 64, jnp.bfloat16)
+  q, k, v, do = inputs(1, t, s, 2, 1, 128, jnp.bfloat16)  # D = 128: the dq kernel's 64-key halves of a tile
   config = block_sparse_mosaic.Config(band_masks=True, q_buffers=2, num_ctas=1)
   assert api._mosaic_bands(local(t, 100, s) | global_tokens(t, (5,), s), config) is None
   compare(q, k, v, do, local(t, 100, s), block_sizes=SMALL_TILES, impl="mosaic", mosaic_config=config)
@@ -154,11 +154,16 @@ def test_lowers_for_cuda(d, block_k, config):
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_backward_lowers_for_cuda(d):
+@pytest.mark.parametrize("d,band", [(64, False), (128, False), (128, True)])
+def test_backward_lowers_for_cuda(d, band):
   """The Mosaic GPU lowering of both backward kernels (layouts, shared memory) runs without a GPU."""
   t, h, hkv = 1024, 4, 2
-  mask = stack_heads([local(t, 300), global_tokens(t, (0,)), local(t, 100), local(t, 500)])
+  if band:  # windows only: the partial tiles masked from bounds
+    mask = stack_heads([local(t, 300), local(t, 200), local(t, 100), local(t, 500)])
+  else:
+    mask = stack_heads([local(t, 300), global_tokens(t, (0,)), local(t, 100), local(t, 500)])
+  bands = ((block_sparse_mosaic.band_bounds(mask.tiles, mask.lists.tiles),
+            block_sparse_mosaic.band_bounds(mask.tiles, mask.transposed_lists.tiles)) if band else None)
   lists, transposed = (tuple(jnp.asarray(x, jnp.int32) for x in ls) for ls in (mask.lists, mask.transposed_lists))
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
   q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
@@ -166,7 +171,7 @@ def test_backward_lowers_for_cuda(d):
   lse = jax.ShapeDtypeStruct((1, h, t), jnp.float32)
   work = block_sparse_mosaic_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, 1, num_ctas=132)
   f = jax.jit(lambda q, k, v, o, lse, do: block_sparse_mosaic_bwd.backward(
-      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True, work=work))
+      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True, work=work, bands=bands))
   text = f.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
 

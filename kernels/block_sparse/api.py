@@ -187,8 +187,10 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
     work += mosaic_gpu_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, b, persistent=config.persistent,
                                           num_ctas=config.num_ctas, interpret=interpret)
   work = tuple(jnp.asarray(x) for x in work)
+  # Partial tiles as band bounds (config.band_masks), for the lists and the transposed lists, or None: the bias.
   bands = _mosaic_bands(mask, config)
-  bands = None if bands is None else jnp.asarray(bands)
+  if bands is not None:
+    bands = (jnp.asarray(bands), jnp.asarray(mosaic_gpu.band_bounds(mask.tiles, mask.transposed_lists.tiles)))
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,
               transposed_lists, tiles, work, bands, static, blocks, config, interpret, mosaic_backward)
   return o[:, :t]
@@ -204,18 +206,18 @@ def _mosaic_fwd(q, k, v, lists, transposed_lists, tiles, work, bands, static, bl
                 mosaic_backward):
   o, lse = mosaic_gpu.forward(q, k, v, lists, mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
                               per_head_mask=static.per_head_mask, config=config, interpret=interpret, work=work[:2],
-                              bands=bands)
-  return o, (q, k, v, o, lse, lists, transposed_lists, tiles, work[2:])
+                              bands=None if bands is None else bands[0])
+  return o, (q, k, v, o, lse, lists, transposed_lists, tiles, work[2:], bands)
 
 
 def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, do):
-  q, k, v, o, lse, lists, transposed_lists, tiles, backward_work = residuals
+  q, k, v, o, lse, lists, transposed_lists, tiles, backward_work, bands = residuals
   do = do.astype(q.dtype)
   if mosaic_backward:
     dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do, lists, transposed_lists,
                                          mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
                                          per_head_mask=static.per_head_mask, interpret=interpret,
-                                         work=backward_work)
+                                         work=backward_work, bands=bands)
   else:
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,

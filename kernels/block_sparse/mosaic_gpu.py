@@ -62,9 +62,9 @@ class Config:
   # benchmarks/results/block_sparse_mosaic_persistent.md.)
   q_buffers: int = 1
   # True: where every partial tile's element mask is a diagonal band (sliding windows, causal edges), mask them in
-  # the kernel from two per-tile bounds on key - query instead of loading a bias; that frees the bias ring's
-  # shared memory (for q_buffers=2 or a third stage). Masks with other partial tiles keep the bias. (Not yet
-  # measured on a GPU, hence off.)
+  # the kernels (forward and the Mosaic backward) from two per-tile bounds on key - query instead of loading a
+  # bias; that frees the bias ring's shared memory (for q_buffers=2 or a third stage). Masks with other partial
+  # tiles keep the bias. (Not yet measured on a GPU, hence off.)
   band_masks: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask

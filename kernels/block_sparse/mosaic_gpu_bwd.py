@@ -85,6 +85,7 @@ class _Static:
   batch: int  # B: work items are numbered (head * tiles + tile) * B + batch
   num_rows: int  # query tiles (the dq kernel's items per head)
   num_key_tiles: int  # key tiles (the dk/dv kernel's items per kv head)
+  band: bool  # partial tiles masked from per-entry (lo, hi) bounds on key - query instead of a loaded bias
 
   @property
   def scale2(self) -> float:
@@ -93,6 +94,14 @@ class _Static:
   @property
   def key_steps(self) -> int:
     return MASK_BLOCK_K // self.key_step
+
+
+def _band(s, lo, hi, row_offset, col_offset):
+  """s [rows, cols] (wgmma layout) kept where lo <= (column + col_offset) - (row + row_offset) <= hi, else -inf;
+  the offsets place the block within its 128 x 128 mask tile."""
+  iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
+  diagonal = (iota(1) + col_offset) - (iota(0) + row_offset)
+  return jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
 
 
 def _bias(ref):
@@ -107,11 +116,17 @@ def _work(items_ref, cta, i, *, batch: int, rows: int):
   return lax.rem(item, jnp.int32(batch)), lax.div(head_row, jnp.int32(rows)), lax.rem(head_row, jnp.int32(rows))
 
 
-def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_ref, q_ref, k_ref,
+def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, mask_ref, q_ref, k_ref,
                v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers, *, st: _Static):
-  """One CTA: its scheduled (query tile, head, batch) items in turn, the K/V ring running on across them."""
-  q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem, *staging = smem
-  q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, bias_bar, consumed = barriers
+  """One CTA: its scheduled (query tile, head, batch) items in turn, the K/V ring running on across them.
+
+  mask_ref: the partial tiles' bias [NT, 128, 128], or with st.band the list entries' bounds [Hm, R, M, 2]."""
+  if st.band:
+    (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, *staging), bias_smem = smem, None
+    (q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, consumed), bias_bar = barriers, None
+  else:
+    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem, *staging = smem
+    q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, bias_bar, consumed = barriers
   bq, bk, stages, steps = _ROWS, st.key_step, st.config.num_stages_dq, st.key_steps
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
   num_items = num_items_ref[cta]
@@ -130,7 +145,7 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
     ds_stage = staging[0].at[wg] if st.stage_lhs else None
 
     def item(i, start):
-      batch, head, row_tile, _, num_full, count = work(i)
+      batch, head, row_tile, mask_head, num_full, count = work(i)
       my_rows = pl.ds(row_tile * MASK_BLOCK_Q + wg * bq, bq)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's dQ leaves through Q's buffer
       plgpu.copy_gmem_to_smem(q_ref.at[batch, my_rows, head], my_q, q_bar.at[wg])
@@ -144,6 +159,9 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
       def step(n, carry, *, masked, dq_ref):
         slot = lax.rem(start + n, stages)
         k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+        if masked and st.band:  # read before the waits, so the loads' latency hides behind them
+          entry, part = lax.div(n, steps), lax.rem(n, steps)
+          lo, hi = mask_ref[mask_head, row_tile, entry, 0], mask_ref[mask_head, row_tile, entry, 1]
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot])
 
@@ -151,7 +169,9 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
           plgpu.wgmma(s_ref, my_q, k_tile.transpose((1, 0)))
           plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
           s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP still runs under the exponentials
-          if masked:
+          if masked and st.band:  # rows: queries wg * 64 + i; columns: keys part * bk + j
+            s = _band(s, lo, hi, row_offset=wg * bq, col_offset=part * bk)
+          elif masked:
             plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
             s = s + _bias(bias_smem.at[slot, wg])
           p = jnp.exp2(s * st.scale2 - lax.broadcast_in_dim(lse2, (bq, bk), [0]))
@@ -199,12 +219,13 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
 
-        @pl.when(n >= num_full)
-        def _():
-          tile = tile_ids_ref[mask_head, row_tile, entry]
-          for w in range(_WGS):
-            plgpu.copy_gmem_to_smem(bias_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)],
-                                    bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+        if not st.band:
+          @pl.when(n >= num_full)
+          def _():
+            tile = tile_ids_ref[mask_head, row_tile, entry]
+            for w in range(_WGS):
+              plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)],
+                                      bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
 
       return start + count
 
@@ -215,11 +236,18 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
       plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
 
-def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, bias_t_ref, q_ref, k_ref,
+def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, mask_ref, q_ref, k_ref,
                 v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers, *, st: _Static):
-  """One CTA: its scheduled (key tile, kv head, batch) items in turn, the Q/dO ring running on across them."""
-  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, bias_smem, *staging = smem
-  k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, bias_bar, consumed = barriers
+  """One CTA: its scheduled (key tile, kv head, batch) items in turn, the Q/dO ring running on across them.
+
+  mask_ref: the partial tiles' transposed bias [NT, 128 keys, 128 queries], or with st.band the transposed list
+  entries' bounds [Hm, C, M, 2] (still on key - query)."""
+  if st.band:
+    (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *staging), bias_smem = smem, None
+    (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, consumed), bias_bar = barriers, None
+  else:
+    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, bias_smem, *staging = smem
+    k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, bias_bar, consumed = barriers
   bq, bk, stages = _ROWS, _ROWS, st.config.num_stages_dkv
   row_steps = MASK_BLOCK_Q // bq  # a listed query tile is this many stream steps
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
@@ -241,11 +269,13 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
     p_stage, ds_stage = (staging[0].at[wg], staging[1].at[wg]) if st.stage_lhs else (None, None)
 
-    def step(n, index, *, masked, dk_ref, dv_ref):
-      """Stream step `index` (the n-th of the current head); returns index + 1."""
-      del n
+    def step(n, index, *, masked, dk_ref, dv_ref, list_row):
+      """Stream step `index` (the n-th of the current head's list row (mask head, key tile)); returns index + 1."""
       slot = lax.rem(index, stages)
       q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+      if masked and st.band:  # read before the waits, so the loads' latency hides behind them
+        entry, part = lax.div(n, row_steps), lax.rem(n, row_steps)
+        lo, hi = mask_ref[list_row[0], list_row[1], entry, 0], mask_ref[list_row[0], list_row[1], entry, 1]
       plgpu.barrier_wait(q_bar.at[slot])
       plgpu.barrier_wait(do_bar.at[slot])
 
@@ -253,7 +283,11 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
         plgpu.wgmma(st_ref, my_k, q_tile.transpose((1, 0)))
         plgpu.wgmma(dpt_ref, my_v, do_tile.transpose((1, 0)))
         s_t = plgpu.wgmma_accumulator_load(st_ref, wait_n=1)  # dP^T still runs under the exponentials
-        if masked:
+        if masked and st.band:
+          # Rows: keys wg * 64 + i; columns: queries part * 64 + j. key - query = -(column - row) here, so the
+          # bounds flip: lo <= key - query <= hi  <=>  -hi <= (j + part * 64) - (i + wg * 64) <= -lo.
+          s_t = _band(s_t, -hi, -lo, row_offset=wg * bk, col_offset=part * bq)
+        elif masked:
           plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
           s_t = s_t + _bias(bias_smem.at[slot, wg])
         plgpu.barrier_wait(lse_bar.at[slot])
@@ -283,8 +317,8 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
 
       def accumulate(dk_ref, dv_ref):
         def per_head(g, index):
-          _, _, num_full, count = head_list(kv_head, key_tile, g)
-          body = functools.partial(step, dk_ref=dk_ref, dv_ref=dv_ref)
+          _, mask_head, num_full, count = head_list(kv_head, key_tile, g)
+          body = functools.partial(step, dk_ref=dk_ref, dv_ref=dv_ref, list_row=(mask_head, key_tile))
           index = lax.fori_loop(0, num_full, functools.partial(body, masked=False), index)
           return lax.fori_loop(num_full, count, functools.partial(body, masked=True), index)
 
@@ -328,12 +362,13 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
           plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], do_bar.at[slot])
           plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot], delta_bar.at[slot])
 
-          @pl.when(n >= num_full)
-          def _():
-            tile = tile_ids_ref[mask_head, key_tile, entry]
-            for w in range(_WGS):
-              plgpu.copy_gmem_to_smem(bias_t_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
-                                      bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+          if not st.band:
+            @pl.when(n >= num_full)
+            def _():
+              tile = tile_ids_ref[mask_head, key_tile, entry]
+              for w in range(_WGS):
+                plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
+                                        bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
           return index + 1
 
         return lax.fori_loop(0, count, fetch, index)
@@ -365,7 +400,7 @@ def work_schedules(lists, transposed_lists, num_heads: int, num_kv_heads: int, b
 
 
 def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: float, per_head_mask: bool,
-             config: Config | None = None, interpret: bool = False, work=None):
+             config: Config | None = None, interpret: bool = False, work=None, bands=None):
   """Gradients of block-sparse attention from the forward's residuals.
 
   Args:
@@ -376,6 +411,8 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
     interpret: run the kernels in Mosaic GPU interpret mode (CPU).
     work: `work_schedules(...)` for these lists (which CTA runs which tile), or None for the default persistent
       schedule (then the lists' counts must be concrete).
+    bands: None, or (`mosaic_gpu.band_bounds` of the lists, of the transposed lists) to mask the partial tiles from
+      bounds on key - query instead of `bias` (every partial tile a band).
 
   Returns:
     dq [B, T, H, D], dk, dv [B, S, Hkv, D] in q's dtype.
@@ -393,7 +430,8 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
   # 128 keys a step at D = 64; at D = 128, S and dP of 128 keys next to dQ would not fit the registers.
   st = _Static(sm_scale=sm_scale, group=h // hkv, per_head_mask=per_head_mask, head_dim=d,
                key_step=128 if d <= 64 else 64, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret,
-               batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K)
+               batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K, band=bands is not None)
+  band = st.band
   if work is None:
     work = work_schedules(lists, transposed_lists, h, hkv, b, interpret=interpret)
   dq_items, dq_lengths, dkv_items, dkv_lengths = (jnp.asarray(x, jnp.int32) for x in work)
@@ -409,18 +447,20 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
           (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
            plgpu.SMEM((_WGS, _ROWS), jnp.float32), plgpu.SMEM((_WGS, _ROWS), jnp.float32),
            _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
-           _tile_smem((stages, _WGS, _ROWS, bk), q.dtype),
+           *(() if band else (_tile_smem((stages, _WGS, _ROWS, bk), q.dtype),)),
            *((_tile_smem((_WGS, _ROWS, bk), q.dtype),) if interpret else ())),
-          (*_barriers(4, _WGS), *_barriers(2, stages), plgpu.Barrier(num_barriers=stages * _WGS),
+          (*_barriers(4, _WGS), *_barriers(2, stages),
+           *(() if band else (plgpu.Barrier(num_barriers=stages * _WGS),)),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
       ],
       grid=(dq_items.shape[0],),
       grid_names=("ctas",),
       **params,
-  )(dq_items, dq_lengths, *lists, bias, *args)
+  )(dq_items, dq_lengths, *lists, bands[0] if band else bias, *args)
 
   stages = config.num_stages_dkv
-  bias_t = jnp.swapaxes(bias, 1, 2)  # [NT, keys, queries]: the dk/dv kernel's S^T orientation
+  # The transposed lists' bounds, or the bias as [NT, keys, queries]: the dk/dv kernel's S^T orientation.
+  mask_t = bands[1] if band else jnp.swapaxes(bias, 1, 2)
   dk, dv = plgpu.kernel(
       functools.partial(_dkv_kernel, st=st),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -428,13 +468,14 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
           (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
            _tile_smem((stages, _ROWS, d), q.dtype), _tile_smem((stages, _ROWS, d), q.dtype),
            plgpu.SMEM((stages, _ROWS), jnp.float32), plgpu.SMEM((stages, _ROWS), jnp.float32),
-           _tile_smem((stages, _WGS, _ROWS, _ROWS), q.dtype),
+           *(() if band else (_tile_smem((stages, _WGS, _ROWS, _ROWS), q.dtype),)),
            *((_tile_smem((_WGS, _ROWS, _ROWS), q.dtype),) * 2 if interpret else ())),
-          (*_barriers(2, _WGS), *_barriers(4, stages), plgpu.Barrier(num_barriers=stages * _WGS),
+          (*_barriers(2, _WGS), *_barriers(4, stages),
+           *(() if band else (plgpu.Barrier(num_barriers=stages * _WGS),)),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
       ],
       grid=(dkv_items.shape[0],),
       grid_names=("ctas",),
       **params,
-  )(dkv_items, dkv_lengths, *transposed_lists, bias_t, *args)
+  )(dkv_items, dkv_lengths, *transposed_lists, mask_t, *args)
   return dq, dk, dv
