@@ -76,8 +76,8 @@ def test_interpret_race_detector_finds_no_race(capsys, overlap):
   assert "RACE DETECTED" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", [None, mosaic_gpu.Config(consumer_registers=240, overlap=True)],
-                         ids=["default", "overlap-240"])
+@pytest.mark.parametrize("config", [None, mosaic_gpu.Config(consumer_registers=240, overlap=True),
+                                    mosaic_gpu.Config(heads_inner=True)], ids=["default", "overlap-240", "heads-inner"])
 @pytest.mark.parametrize("causal,kv_length", [(False, 1000), (True, None), (False, None)],
                          ids=["bidir-padded", "causal", "bidir"])
 def test_lowers_for_cuda(causal, kv_length, config):
@@ -107,13 +107,14 @@ def test_supports_and_errors():
   assert mosaic_gpu.Config(consumer_registers=240).producer_registers == 24
   assert mosaic_gpu.Config.parse("64:128:2:240:1") == mosaic_gpu.Config(consumer_registers=240, overlap=True)
   assert mosaic_gpu.Config.parse("64:64:3") == mosaic_gpu.Config(block_k=64, num_stages=3)
+  assert mosaic_gpu.Config.parse("64:128:2:232:0:1") == mosaic_gpu.Config(overlap=False, heads_inner=True)
   # overlap=None: on for D = 128 without masked tiles; an explicit choice stands.
   assert mosaic_gpu.Config().resolved(128, needs_mask=False).overlap
   assert not mosaic_gpu.Config().resolved(128, needs_mask=True).overlap
   assert not mosaic_gpu.Config().resolved(64, needs_mask=False).overlap
   assert not mosaic_gpu.Config().resolved(256, needs_mask=False).overlap
   assert mosaic_gpu.Config(overlap=True).resolved(128, needs_mask=True).overlap
-  for spec in ("64:128", "64:128:2:240:2", "64:x:2", "64:128:2:240:1:0"):
+  for spec in ("64:128", "64:128:2:240:2", "64:x:2", "64:128:2:240:1:2", "64:128:2:240:1:0:1"):
     with pytest.raises(ValueError, match="spec"):
       mosaic_gpu.Config.parse(spec)
 
@@ -130,6 +131,13 @@ def test_gpu_forward(causal, d, group):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_forward_unaligned_t_ne_s(causal):
   _check(2, 1000, 1500, 4, 2, 128, causal, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_heads_inner(causal):
+  """Query tiles launched across all heads first (Config.heads_inner): the same results."""
+  _check(2, 1024, 1024, 8, 2, 128, causal, jnp.bfloat16, config=mosaic_gpu.Config(heads_inner=True))
 
 
 @pytest.mark.gpu

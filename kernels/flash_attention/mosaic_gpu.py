@@ -59,6 +59,10 @@ class Config:
   # causal 403 against 616 (ptxas serialises the wgmmas there: C7513, and spills 80 bytes); D = 64 non-causal
   # 415 against 433 (benchmarks/results/flash_attention_overlap.md, flash_attention_d64_configs.md).
   overlap: bool | None = None
+  # Launch order. False: head by head, each head's query tiles together (causal: longest first within the head).
+  # True: query tile by query tile across all heads, so causally every head's longest tiles start in the first
+  # waves instead of the last head's starting in the last one. Not yet measured on a GPU, hence off.
+  heads_inner: bool = False
 
   def __post_init__(self):
     if self.block_q % 64:
@@ -78,19 +82,20 @@ class Config:
 
   @classmethod
   def parse(cls, spec: str) -> "Config":
-    """'block_q:block_k:num_stages[:consumer_registers[:overlap]]' (overlap 0 or 1; left out, None: the
-    default), for benchmark sweeps."""
-    usage = (f"spec={spec!r} must be block_q:block_k:num_stages, then optionally consumer registers (e.g. :240) "
-             "and :0 or :1 (overlap)")
+    """'block_q:block_k:num_stages[:consumer_registers[:overlap[:heads_inner]]]' (overlap and heads_inner 0 or
+    1; overlap left out, None: the default), for benchmark sweeps."""
+    usage = (f"spec={spec!r} must be block_q:block_k:num_stages, then optionally consumer registers (e.g. :240), "
+             ":0 or :1 (overlap) and :0 or :1 (heads_inner)")
     try:
       fields = [int(x) for x in spec.split(":")]
     except ValueError:
       raise ValueError(usage) from None
-    if len(fields) not in (3, 4, 5) or fields[4:] not in ([], [0], [1]):
+    if len(fields) not in (3, 4, 5, 6) or any(x not in (0, 1) for x in fields[4:]):
       raise ValueError(usage)
     registers = fields[3] if len(fields) > 3 else cls.consumer_registers
     return cls(block_q=fields[0], block_k=fields[1], num_stages=fields[2], consumer_registers=registers,
-               overlap=bool(fields[4]) if len(fields) > 4 else None)
+               overlap=bool(fields[4]) if len(fields) > 4 else None,
+               heads_inner=bool(fields[5]) if len(fields) > 5 else False)
 
   @classmethod
   def get_default(cls, head_dim: int) -> "Config":
@@ -504,8 +509,9 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, config: Config | None = N
       functools.partial(_kernel, static=static),
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
       scratch_types=scratch,
-      grid=(h, static.num_q_tiles, b),
-      grid_names=("heads", "q_tiles", "batch"),
+      # The last grid axis varies fastest in launch order (then the middle one).
+      grid=(static.num_q_tiles, h, b) if config.heads_inner else (h, static.num_q_tiles, b),
+      grid_names=("q_tiles", "heads", "batch") if config.heads_inner else ("heads", "q_tiles", "batch"),
       num_threads=_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
