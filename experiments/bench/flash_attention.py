@@ -23,8 +23,9 @@ _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims D.")
 _IMPLS = flags.DEFINE_list("impls", ["ours", "mosaic", "mosaic_bwd", "cudnn", "xla", "tokamax", "fa3"],
                            "Implementations to time.")
 _MOSAIC_CONFIGS = flags.DEFINE_list(
-    "mosaic_configs", [], "Extra configs of the Mosaic GPU forward, block_q:block_k:num_stages[:registers[:overlap]] "
-    "each (e.g. 64:128:3, 64:128:2:240:1; see mosaic_gpu.Config.parse); each adds a row 'mosaic[64:128:3]' "
+    "mosaic_configs", [], "Extra configs of the Mosaic GPU forward, "
+    "block_q:block_k:num_stages[:registers[:overlap[:heads_inner]]] each (e.g. 64:128:3, 64:128:2:240:1, "
+    "64:128:2:232:0:1; see mosaic_gpu.Config.parse); each adds a row 'mosaic[64:128:3]' "
     "(timed when 'mosaic' is in --impls). The plain 'mosaic' row uses mosaic_gpu.Config.get_default.")
 _MOSAIC_BWD_CONFIGS = flags.DEFINE_list(
     "mosaic_bwd_configs", [], "Extra tiles for the Mosaic GPU backward (Triton forward), "
