@@ -63,11 +63,12 @@ def block_sparse_attention(
   if impl == "xla":
     return block_sparse_reference(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths)
   if impl == "mosaic":
-    band = _mosaic_bands(mask, mosaic_config) is not None
-    if reasons := mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config, band):
+    bands = _mosaic_bands(mask, mosaic_config)
+    if reasons := mosaic_gpu.unsupported_reasons(q, mask.block_q, mask.block_k, kv_lengths, mosaic_config,
+                                                 bands is not None):
       raise ValueError(f"impl='mosaic' does not support {'; '.join(reasons)}; impl='pallas' takes every problem")
     return _mosaic_attention(q, k, v, mask, sm_scale=scale, block_sizes=block_sizes, config=mosaic_config,
-                             interpret=not backend.on_gpu())
+                             bands=bands, interpret=not backend.on_gpu())
   platform = backend.pallas_platform()
   return _pallas_attention(q, k, v, mask, sm_scale=scale, kv_lengths=kv_lengths, block_sizes=block_sizes,
                            interpret=jax.default_backend() != platform, platform=platform)
@@ -164,9 +165,9 @@ def _attention_bwd(static, blocks, interpret, platform, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config, interpret):
+def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config, bands, interpret):
   """The Mosaic GPU forward and backward (the Triton-lowering backward where the Mosaic one does not apply or
-  config.backward asks for it), on inputs padded to whole mask tiles."""
+  config.backward asks for it), on inputs padded to whole mask tiles; bands: `_mosaic_bands(mask, config)`."""
   b, t, h, d = q.shape
   hkv = k.shape[2]
   blocks = pallas_gpu.fit_blocks(block_sizes or pallas_gpu.BlockSizes.get_default(d, q.dtype.itemsize),
@@ -184,11 +185,11 @@ def _mosaic_attention(q, k, v, mask: BlockMask, *, sm_scale, block_sizes, config
   # Which CTA runs which row (and which key tile, for dk/dv), from the mask's host counts: longest first.
   work = mosaic_gpu.work_schedule(mask.lists.count, h, b, config, interpret)
   if mosaic_backward:
-    work += mosaic_gpu_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, b, persistent=config.persistent,
-                                          num_ctas=config.num_ctas, interpret=interpret)
+    # The dq kernel's items are the forward's rows with the same costs, so they take the forward's schedule.
+    work += work + mosaic_gpu_bwd.dkv_work_schedule(mask.transposed_lists, h, hkv, b, persistent=config.persistent,
+                                                    num_ctas=config.num_ctas, interpret=interpret)
   work = tuple(jnp.asarray(x) for x in work)
-  # Partial tiles as band bounds (config.band_masks), for the lists and the transposed lists, or None: the bias.
-  bands = _mosaic_bands(mask, config)
+  # Partial tiles as band bounds (`_mosaic_bands`), for the lists and the transposed lists, or None: the bias.
   if bands is not None:
     bands = (jnp.asarray(bands), jnp.asarray(mosaic_gpu.band_bounds(mask.tiles, mask.transposed_lists.tiles)))
   o = _mosaic(pad(q, nq * mask.block_q), pad(k, nk * mask.block_k), pad(v, nk * mask.block_k), lists,

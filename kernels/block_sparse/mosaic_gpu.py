@@ -163,11 +163,11 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
   mask_ref: the partial tiles' bias [NT, 128, bk], or with static.band the list entries' bounds [Hm, R, M, 2]."""
   if static.band:
-    qo_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_consumed, v_consumed, schedule = scratch
+    qo_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_consumed, v_consumed, turn = scratch
     bias_smem = bias_ready = bias_consumed = None
   else:
     (qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed, v_consumed,
-     bias_consumed, schedule) = scratch
+     bias_consumed, turn) = scratch
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
   bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.q_buffers
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
@@ -175,15 +175,13 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
   def work(i):
     """(batch, head, row_tile, mask_head, num_full, count) of this CTA's i-th item."""
-    item = items_ref[cta, i]
-    batch, head_row = lax.rem(item, static.batch), lax.div(item, jnp.int32(static.batch))
-    head, row_tile = lax.div(head_row, jnp.int32(static.num_rows)), lax.rem(head_row, jnp.int32(static.num_rows))
+    batch, head, row_tile = schedule.item_coordinates(items_ref, cta, i, batch=static.batch, rows=static.num_rows)
     mask_head = head if static.per_head_mask else 0
     return batch, head, row_tile, mask_head, num_full_ref[mask_head, row_tile], count_ref[mask_head, row_tile]
 
   def take_turn():
-    plgpu.barrier_arrive(schedule)
-    plgpu.barrier_wait(schedule)
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -228,9 +226,9 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       p16 = p.astype(static.dtype)
       # Keeps the compiler from sinking the softmax past the barriers below (it would then stall the turn).
       acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(schedule)  # softmax done: the other consumer may issue its matmuls
+      plgpu.barrier_arrive(turn)  # softmax done: the other consumer may issue its matmuls
       plgpu.barrier_wait(v_ready.at[slot])
-      plgpu.barrier_wait(schedule)  # tensor cores are free again
+      plgpu.barrier_wait(turn)  # tensor cores are free again
       if static.interpret:
         # Interpret mode has no register-operand wgmma: the same product, reading V through the generic proxy
         # (hence the fence before the TMA refill of the slot).

@@ -109,13 +109,6 @@ def _bias(ref):
   return plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
 
-def _work(items_ref, cta, i, *, batch: int, rows: int):
-  """(batch, head, row) of a CTA's i-th work item, numbered (head * rows + row) * batch + b (schedule.py)."""
-  item = items_ref[cta, i]
-  head_row = lax.div(item, jnp.int32(batch))
-  return lax.rem(item, jnp.int32(batch)), lax.div(head_row, jnp.int32(rows)), lax.rem(head_row, jnp.int32(rows))
-
-
 def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, mask_ref, q_ref, k_ref,
                v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers, *, st: _Static):
   """One CTA: its scheduled (query tile, head, batch) items in turn, the K/V ring running on across them.
@@ -133,7 +126,7 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
 
   def work(i):
     """(batch, head, row tile, mask head, full steps, all steps) of item i; a listed key tile is `steps` steps."""
-    batch, head, row_tile = _work(items_ref, cta, i, batch=st.batch, rows=st.num_rows)
+    batch, head, row_tile = schedule.item_coordinates(items_ref, cta, i, batch=st.batch, rows=st.num_rows)
     mask_head = head if st.per_head_mask else 0
     return (batch, head, row_tile, mask_head, num_full_ref[mask_head, row_tile] * steps,
             count_ref[mask_head, row_tile] * steps)
@@ -254,7 +247,7 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
   num_items = num_items_ref[cta]
 
   def work(i):
-    return _work(items_ref, cta, i, batch=st.batch, rows=st.num_key_tiles)
+    return schedule.item_coordinates(items_ref, cta, i, batch=st.batch, rows=st.num_key_tiles)
 
   def head_list(kv_head, key_tile, g):
     """(query head, mask head, full steps, all steps) of the group's g-th query head."""
@@ -386,17 +379,24 @@ def _barriers(count: int, num: int):
   return tuple(plgpu.Barrier(num_barriers=num) for _ in range(count))
 
 
-def work_schedules(lists, transposed_lists, num_heads: int, num_kv_heads: int, batch: int, *, persistent: bool = True,
-                   num_ctas: int | None = None, interpret: bool = False):
-  """(dq items, dq lengths, dk/dv items, dk/dv lengths) for `backward` (schedule.work_schedule): the dq kernel's
-  items are (query tile, head, batch), the dk/dv kernel's (key tile, kv head, batch) with every query head of the
-  GQA group listed in turn; lists' counts must be concrete (numpy)."""
-  count, count_t = np.asarray(lists[3]), np.asarray(transposed_lists[3])
+def dkv_work_schedule(transposed_lists, num_heads: int, num_kv_heads: int, batch: int, *, persistent: bool = True,
+                      num_ctas: int | None = None, interpret: bool = False):
+  """(items, lengths) of the dk/dv kernel (schedule.work_schedule): an item is a (key tile, kv head, batch), and
+  costs the lists of every query head of its GQA group; the counts must be concrete (numpy)."""
+  count_t = np.asarray(transposed_lists[3])
   group = num_heads // num_kv_heads
   count_t = np.broadcast_to(count_t, (num_heads, count_t.shape[-1])).reshape(num_kv_heads, group, -1).sum(1)
+  return schedule.work_schedule(count_t, num_kv_heads, batch, persistent=persistent, num_ctas=num_ctas,
+                                interpret=interpret)
+
+
+def work_schedules(lists, transposed_lists, num_heads: int, num_kv_heads: int, batch: int, *, persistent: bool = True,
+                   num_ctas: int | None = None, interpret: bool = False):
+  """(dq items, dq lengths, dk/dv items, dk/dv lengths) for `backward`: the dq kernel's items are (query tile,
+  head, batch), scheduled as the forward's rows are; the dk/dv kernel's as `dkv_work_schedule`."""
   kwargs = dict(persistent=persistent, num_ctas=num_ctas, interpret=interpret)
-  return (*schedule.work_schedule(count, num_heads, batch, **kwargs),
-          *schedule.work_schedule(count_t, num_kv_heads, batch, **kwargs))
+  return (*schedule.work_schedule(np.asarray(lists[3]), num_heads, batch, **kwargs),
+          *dkv_work_schedule(transposed_lists, num_heads, num_kv_heads, batch, **kwargs))
 
 
 def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: float, per_head_mask: bool,

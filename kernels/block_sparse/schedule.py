@@ -9,7 +9,9 @@ per item it is simply the launch order.
 import heapq
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # A row's fixed cost (loading its Q, storing its O, the first product before any overlap) in key tiles.
 ITEM_OVERHEAD_TILES = 2
@@ -64,3 +66,10 @@ def work_schedule(count: np.ndarray, num_heads: int, batch: int, *, persistent: 
     # One CTA per SM: the kernels' shared memory allows no more.
     num_ctas = _INTERPRET_CTAS if interpret else jax.devices()[0].core_count
   return lpt_schedule(costs, min(costs.size, num_ctas))
+
+
+def item_coordinates(items_ref, cta, i, *, batch: int, rows: int):
+  """In a kernel: (batch, head, row) of CTA `cta`'s i-th item in `work_schedule`'s numbering."""
+  item = items_ref[cta, i]
+  head_row = lax.div(item, jnp.int32(batch))
+  return lax.rem(item, jnp.int32(batch)), lax.div(head_row, jnp.int32(rows)), lax.rem(head_row, jnp.int32(rows))
