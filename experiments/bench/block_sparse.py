@@ -214,8 +214,9 @@ def _table(rows):
   lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd "
            f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
-           "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-bias1: one mask slot; -qbuf2: "
-           "and two Q buffers; -band / -band3: masks from band bounds, two Q buffers / three stages; -grid: one CTA per row or key tile instead of persistent kernels)", "",
+           "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-bias1: one mask slot; "
+           "-qbuf2: and two Q buffers; -band / -band3: masks from band bounds, two Q buffers / three stages; -grid: "
+           "one CTA per row or key tile instead of persistent kernels)", "",
            "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
