@@ -35,9 +35,10 @@ def _rows_attending_nothing(t, s, block_k):
 
 
 _GRID = block_sparse_mosaic.Config(persistent=False)  # one CTA per row
-# Persistent on 2 CTAs (several rows, and several dk/dv key tiles, per CTA; the rings run across them), Q
-# double-buffered (the next row's loads during this one), one slot for the partial tiles' masks.
-_Q_BUFFERS_2 = block_sparse_mosaic.Config(q_buffers=2, bias_stages=1, num_ctas=2)
+# Persistent on 2 CTAs (several rows, and several dk/dv key tiles, per CTA; the rings run across them), with one Q
+# buffer (the next row's Q loads after this row's O has left) and two slots for the partial tiles' masks; the
+# default (two Q buffers, one mask slot) runs in the D = 128 case.
+_Q_BUFFERS_1 = block_sparse_mosaic.Config(q_buffers=1, num_ctas=2)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ _Q_BUFFERS_2 = block_sparse_mosaic.Config(q_buffers=2, bias_stages=1, num_ctas=2
         # The Mosaic backward from here on (128 x 128 tiles): one pattern per head, rows with nothing or a single
         # key to attend, T != S.
         pytest.param(256, 384, 2, 2, 64, 128, lambda t, s, bk: stack_heads(
-            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _Q_BUFFERS_2,
+            [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _Q_BUFFERS_1,
                      id="per-head-empty-rows-T<S-bk128"),
         # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
         # crosses from one query head's list to the next).
@@ -133,10 +134,10 @@ _PERSISTENT_132 = block_sparse_mosaic.Config(num_ctas=132)
 
 @pytest.mark.parametrize("d,block_k,config", [
     (128, 128, _GRID), (128, 128, _PERSISTENT_132),
-    (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=2, bias_stages=1)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=1)),
     (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132),
-    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, q_buffers=2)),
-    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, num_stages=3))])
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, num_stages=3, q_buffers=1))])
 def test_lowers_for_cuda(d, block_k, config):
   """The Mosaic GPU lowering (wgmma and bias layouts, the shared-memory budget) runs without a GPU."""
   t = 1024
@@ -236,7 +237,7 @@ def test_unsupported_problems_name_the_argument():
     block_sparse_mosaic.Config(bias_stages=0)
   with pytest.raises(ValueError, match="shared memory"):  # two Q buffers and two bias slots at D = 128
     block_sparse_attention(*inputs(1, 256, 256, 1, 1, 128, jnp.bfloat16)[:3], local(256, 64), impl="mosaic",
-                           mosaic_config=block_sparse_mosaic.Config(q_buffers=2))
+                           mosaic_config=block_sparse_mosaic.Config(q_buffers=2, bias_stages=2))
   with pytest.raises(ValueError, match="backward='triton'"):
     block_sparse_mosaic.Config(backward="triton")
   with pytest.raises(ValueError, match="num_stages_dkv"):
@@ -261,8 +262,9 @@ def test_gpu_matches_reference(mask_name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [block_sparse_mosaic.Config(band_masks=True, q_buffers=2),
-                                    block_sparse_mosaic.Config(band_masks=True, num_stages=3, num_ctas=20)])
+@pytest.mark.parametrize("config", [
+    block_sparse_mosaic.Config(band_masks=True, q_buffers=2),
+    block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1, num_ctas=20)])
 def test_gpu_band_masks_match_reference(config):
   """Window masks from band bounds in the kernel (no bias ring), with a second Q buffer or a third K/V stage."""
   t, s = 1024, 1280
@@ -286,10 +288,10 @@ def test_gpu_head_dim_64_and_fp16(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
 def test_gpu_forward_configs_match_reference(mask_name):
-  """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with two Q buffers and one
-  bias slot, and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
+  """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with one Q buffer and two
+  bias slots, and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
   for config in (block_sparse_mosaic.Config(num_ctas=20),
-                 block_sparse_mosaic.Config(num_ctas=20, q_buffers=2, bias_stages=1), _GRID):
+                 block_sparse_mosaic.Config(num_ctas=20, q_buffers=1), _GRID):
     compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

@@ -54,20 +54,22 @@ def _with_blocks(blocks, causal, d):
   return attention
 
 
-@pytest.mark.parametrize("spec", ["64:64:64:64:2:2:1:1", "64:64:64:64:2:2:0:0:232:1"],
-                         ids=["defer_release-await_dv", "defer_dk"])
+@pytest.mark.parametrize("spec", ["64:64:64:64:2:2:1:1", "64:64:64:64:2:2:0:0:232:1:1"],
+                         ids=["defer_release-await_dv", "defer_dk-fused_launch"])
 def test_interpret_deferred_release_and_await_dv(spec):
   """defer_release frees each ring slot one step late (and the last one after the loops); await_dv waits for the
-  dV product before forming dS^T; defer_dk issues each dK product a step late (the last after the loops). Same
+  dV product before forming dS^T; defer_dk issues each dK product a step late (the last after the loops), here
+  with both kernels in one launch (fused_launch: 1 dk/dv CTA, then 4 dq CTAs, over one shared-memory union). Same
   gradients, here over two query heads per kv head (the carried dS^T crosses from one head to the next), masked
   and unmasked tiles and rows with nothing to attend."""
   blocks = mosaic_gpu_bwd.BlockSizes.parse(spec)
-  assert blocks.defer_dk or (blocks.defer_release and blocks.await_dv)
+  assert (blocks.defer_dk and blocks.fused_launch) or (blocks.defer_release and blocks.await_dv)
   _check_gradients(1, 256, 128, 2, 1, 64, True, jnp.bfloat16, _with_blocks(blocks, True, 64))
 
 
-@pytest.mark.parametrize("spec", [None, "64:64:64:64:3:3:0:0:240:1", "64:64:64:64:3:3:0:1:240:1"],
-                         ids=["default", "defer_dk", "defer_dk-await_dv"])
+@pytest.mark.parametrize("spec", [None, "64:64:64:64:3:3:0:0:240:1", "64:64:64:64:3:3:0:1:240:1",
+                                  "64:64:64:128:3:2:0:1:240:0:1"],
+                         ids=["default", "defer_dk", "defer_dk-await_dv", "fused_launch-unequal_tiles"])
 def test_lowers_for_hopper_on_cpu(spec):
   """Lowering to Mosaic GPU (layouts, wgmma shapes, the SMEM budget) runs on the host, so CI catches breakage
   of the compiled path too; only PTX compilation and the run itself need the GPU."""
@@ -79,7 +81,8 @@ def test_lowers_for_hopper_on_cpu(spec):
   backward = jax.jit(lambda q, k, v, o, lse, do: mosaic_gpu_bwd.backward(q, k, v, o, lse, do, causal=True,
                                                                            sm_scale=d**-0.5, blocks=blocks))
   text = backward.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("custom_call @mosaic_gpu") == 2  # the dk/dv and dq kernels
+  # The dk/dv and dq kernels, or one launch of both (their shared memory a union: here of unequal tiles).
+  assert text.count("custom_call @mosaic_gpu") == (1 if blocks and blocks.fused_launch else 2)
 
 
 def test_supports_and_rejections():
@@ -95,12 +98,14 @@ def test_supports_and_rejections():
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="window"):
     flash_attention(q, q, q, window=(8, 0), impl="mosaic_bwd")
-  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x", "64:64:64:64:3:3:0:2", "64:64:64:64:3:3:0:1:240:2"):
+  for spec in ("64:64", "64:64:64:64:3:3:2", "64:64:64:64:3:x", "64:64:64:64:3:3:0:2", "64:64:64:64:3:3:0:1:240:2",
+               "64:64:64:64:3:3:0:1:240:0:2", "64:64:64:64:3:3:0:1:240:0:1:0"):
     with pytest.raises(ValueError, match="spec"):
       mosaic_gpu_bwd.BlockSizes.parse(spec)
   blocks = mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:3:3:0:1:240")
   assert blocks.await_dv and (blocks.compute_registers, blocks.producer_registers) == (240, 24)
   assert mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:3:3:0:1:240:1").defer_dk
+  assert mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:3:3:0:1:240:0:1").fused_launch
   with pytest.raises(ValueError, match="defer_dk and defer_release"):
     mosaic_gpu_bwd.BlockSizes.parse("64:64:64:64:3:3:1:0:240:1")
   assert mosaic_gpu_bwd.BlockSizes().producer_registers == 40
@@ -128,7 +133,8 @@ def test_gpu_causal_unequal_lengths(t, s):
                                     ("64:64:64:64:3:3:1", 128), ("64:64:64:128:3:2:1", 128),
                                     ("64:64:64:128:3:3:1", 64), ("64:64:64:64:3:3:0:1", 128),
                                     ("64:64:64:64:3:3:0:0:240", 128), ("64:64:64:64:3:3:0:1:240", 128),
-                                    ("64:64:64:64:3:3:0:0:240:1", 128), ("64:64:64:64:3:3:0:1:240:1", 128)])
+                                    ("64:64:64:64:3:3:0:0:240:1", 128), ("64:64:64:64:3:3:0:1:240:1", 128),
+                                    ("64:64:64:64:3:3:0:1:240:0:1", 128), ("64:64:64:128:3:2:0:1:240:0:1", 64)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_tile_configs(spec, d, causal):
   """The configurations the benchmark sweep tries compile and give the same gradients."""

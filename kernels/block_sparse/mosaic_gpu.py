@@ -53,18 +53,23 @@ class Config:
   # the ring's first fill) is paid once instead of per row: short rows (narrow windows) are otherwise dominated
   # by it. The Mosaic backward's two kernels follow the same choice.
   persistent: bool = True
-  # Depth of the ring of partial tiles' element masks (None: num_stages). A slot is released as soon as both
-  # consumers have added it to S, so one slot mostly keeps up, and frees shared memory for a second Q buffer.
+  # Depth of the ring of partial tiles' element masks (None: 1 with two Q buffers, else num_stages). A slot is
+  # released as soon as both consumers have added it to S, so one slot mostly keeps up, and frees shared memory
+  # for a second Q buffer (two Q buffers and a 2-deep bias ring do not fit beside the K/V ring at D = 128).
   bias_stages: int | None = None
   # 2: each consumer double-buffers Q, loading the next row's while it works on this one (O leaves through the
   # row's own Q buffer); 1: the next row's Q loads only after this row's O has left, and the consumer waits for it.
+  # None: 2 when persistent (a one-row CTA has no next row). Two buffers with one bias slot were 3-14% faster
+  # forward than one buffer with two bias slots on windows 256 and 1024 in two H200 runs and within noise on
+  # window 4096 and BigBird (benchmarks/results/block_sparse_mosaic_qbuf.md, block_sparse_mosaic_band.md).
   # (Storing O straight from registers instead, to free the one buffer early, was 0-28% slower on an H200:
   # benchmarks/results/block_sparse_mosaic_persistent.md.)
-  q_buffers: int = 1
+  q_buffers: int | None = None
   # True: where every partial tile's element mask is a diagonal band (sliding windows, causal edges), mask them in
   # the kernels (forward and the Mosaic backward) from two per-tile bounds on key - query instead of loading a
   # bias; that frees the bias ring's shared memory (for q_buffers=2 or a third stage). Masks with other partial
-  # tiles keep the bias. (Not yet measured on a GPU, hence off.)
+  # tiles keep the bias. Off: on an H200 its forward was within noise of the bias ring's (with two Q buffers, or
+  # with three K/V stages), and its backward 2-5% slower (benchmarks/results/block_sparse_mosaic_band.md).
   band_masks: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
@@ -80,19 +85,28 @@ class Config:
       raise ValueError(f"num_ctas={self.num_ctas} must be at least 1 (or None: the GPU's SM count)")
     if self.bias_stages is not None and self.bias_stages < 1:
       raise ValueError(f"bias_stages={self.bias_stages} must be at least 1 (or None: num_stages)")
-    if self.q_buffers not in (1, 2):
-      raise ValueError(f"q_buffers={self.q_buffers} is not valid; choose 1 or 2")
+    if self.q_buffers not in (None, 1, 2):
+      raise ValueError(f"q_buffers={self.q_buffers} is not valid; choose 1, 2 or None (2 when persistent)")
     if self.q_buffers == 2 and not self.persistent:
       raise ValueError("q_buffers=2 needs persistent=True (a CTA per row has no next row to load)")
 
   @property
+  def resolved_q_buffers(self) -> int:
+    if self.q_buffers is None:
+      return 2 if self.persistent else 1
+    return self.q_buffers
+
+  @property
   def resolved_bias_stages(self) -> int:
-    return self.num_stages if self.bias_stages is None else self.bias_stages
+    if self.bias_stages is None:
+      return 1 if self.resolved_q_buffers == 2 else self.num_stages
+    return self.bias_stages
 
   def shared_memory_bytes(self, head_dim: int, block_k: int, itemsize: int, band: bool = False) -> int:
     """Q/O tiles of both consumers, the K and V rings and (unless the masks are bands) the bias ring."""
     bias = 0 if band else self.resolved_bias_stages * MASK_BLOCK_Q * block_k
-    return (self.q_buffers * MASK_BLOCK_Q * head_dim + self.num_stages * block_k * 2 * head_dim + bias) * itemsize
+    q = self.resolved_q_buffers * MASK_BLOCK_Q * head_dim
+    return (q + self.num_stages * block_k * 2 * head_dim + bias) * itemsize
 
 
 def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths, config: Config | None = None,
@@ -169,7 +183,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
     (qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed, v_consumed,
      bias_consumed, turn) = scratch
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
-  bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.q_buffers
+  bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.resolved_q_buffers
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
   num_items = num_items_ref[cta]
 
@@ -378,7 +392,7 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
   items, num_items = (jnp.asarray(x, jnp.int32) for x in work)
   static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
                    block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows, band=band)
-  stages, bias_stages, q_buffers = config.num_stages, config.resolved_bias_stages, config.q_buffers
+  stages, bias_stages, q_buffers = config.num_stages, config.resolved_bias_stages, config.resolved_q_buffers
   bias_scratch = (
       plgpu.SMEM((bias_stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows
       plgpu.Barrier(num_barriers=bias_stages * _CONSUMERS),  # bias rows landed, per slot and consumer

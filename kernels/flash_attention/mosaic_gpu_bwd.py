@@ -15,6 +15,9 @@ with wgmma:
 
 Causal: tiles entirely above the diagonal are never fetched; only tiles that cross it pay for the element mask.
 Both compute warpgroups of a CTA consume the same stream, so its tile range is the CTA's.
+
+The two kernels run as two launches, or (BlockSizes.fused_launch) as one grid whose first CTAs run the dk/dv
+kernel and the rest the dq kernel, over a union of their shared memory.
 """
 
 import dataclasses
@@ -67,6 +70,10 @@ class BlockSizes:
   # Registers a thread of each compute warpgroup (setmaxnreg); the producer, which only issues TMA copies, gets
   # what is left of the CTA's launch allocation: 40 at 232 (the default), 24 at 240 (FA3's split).
   compute_registers: int = 232
+  # Launch both kernels as one grid: the dk/dv CTAs first, then the dq CTAs, which fill the SMs the dk/dv
+  # kernel's last wave leaves idle (each kernel alone ends on a partial wave: at B*T = 16K, H = 16 that is 15.5
+  # waves of 132 SMs each) and skip the gap between two launches.
+  fused_launch: bool = False
 
   def __post_init__(self):
     if self.defer_dk and self.defer_release:
@@ -112,22 +119,24 @@ class BlockSizes:
 
   @classmethod
   def parse(cls, spec: str) -> "BlockSizes":
-    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv[:registers[:defer_dk]]]]' (compute_wgs
-    stays 2; defer, await_dv and defer_dk are 0 or 1, the `defer_release`, `await_dv` and `defer_dk` flags;
-    registers is `compute_registers`), for benchmark sweeps."""
+    """'bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq[:defer[:await_dv[:registers[:defer_dk[:fused]]]]]'
+    (compute_wgs stays 2; defer, await_dv, defer_dk and fused are 0 or 1, the `defer_release`, `await_dv`,
+    `defer_dk` and `fused_launch` flags; registers is `compute_registers`), for benchmark sweeps."""
     usage = (f"spec={spec!r} must be 6 ints bq_dkv:bk_dkv:bq_dq:bk_dq:stages_dkv:stages_dq, then optionally :0 or "
-             ":1 (defer_release), :0 or :1 (await_dv), compute registers (e.g. :240) and :0 or :1 (defer_dk)")
+             ":1 (defer_release), :0 or :1 (await_dv), compute registers (e.g. :240), :0 or :1 (defer_dk) and :0 or "
+             ":1 (fused_launch)")
     try:
       fields = [int(x) for x in spec.split(":")]
     except ValueError:
       raise ValueError(usage) from None
-    if len(fields) not in range(6, 11) or any(flag not in (0, 1) for flag in fields[6:8] + fields[9:]):
+    if len(fields) not in range(6, 12) or any(flag not in (0, 1) for flag in fields[6:8] + fields[9:]):
       raise ValueError(usage)
     bq_dkv, bk_dkv, bq_dq, bk_dq, st_dkv, st_dq = fields[:6]
-    defer, await_dv, registers, defer_dk = (fields[6:] + [0, 0, cls.compute_registers, 0][len(fields) - 6:])[:4]
+    defaults = [0, 0, cls.compute_registers, 0, 0]
+    defer, await_dv, registers, defer_dk, fused = (fields[6:] + defaults[len(fields) - 6:])[:5]
     return cls(block_q_dkv=bq_dkv, block_k_dkv=bk_dkv, block_q_dq=bq_dq, block_k_dq=bk_dq,
                num_stages_dkv=st_dkv, num_stages_dq=st_dq, defer_release=defer == 1, await_dv=await_dv == 1,
-               compute_registers=registers, defer_dk=defer_dk == 1)
+               compute_registers=registers, defer_dk=defer_dk == 1, fused_launch=fused == 1)
 
 
 def unsupported_reason(q_shape, k_shape, dtype, *, window=None, kv_lengths=None,
@@ -266,13 +275,19 @@ def _release_last(consumed, steps, stages: int):
     plgpu.barrier_arrive(consumed.at[lax.rem(steps + stages - 1, stages)])
 
 
+def _grid_coordinates():
+  """(tile, head, batch) of a CTA of a separate launch (grid_names ("tiles", "heads", "batch"))."""
+  return lax.axis_index("tiles"), lax.axis_index("heads"), lax.axis_index("batch")
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers, *,
-                st: _Static):
+                st: _Static, coordinates=_grid_coordinates):
+  """One CTA of the dk/dv kernel; `coordinates()` gives its (key tile, kv head, batch)."""
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *staging = smem
   k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, consumed = barriers
   blocks = st.blocks
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.num_stages_dkv
-  batch, kv_head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+  tile, kv_head, batch = coordinates()
   wg = lax.axis_index("wg")
   k_start = tile * (blocks.compute_wgs * bk)
   lo, full_lo, hi = _dkv_tile_range(k_start, st)
@@ -396,12 +411,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     _produce(fetch, st.group * n, consumed, stages)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers, *, st: _Static):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers, *, st: _Static,
+               coordinates=_grid_coordinates):
+  """One CTA of the dq kernel; `coordinates()` gives its (query tile, head, batch)."""
   q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, *staging = smem
   q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, consumed = barriers
   blocks = st.blocks
   bq, bk, stages = blocks.block_q_dq, blocks.block_k_dq, blocks.num_stages_dq
-  batch, head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+  tile, head, batch = coordinates()
   if st.causal:
     # Causal work grows with the query tile; CTAs launch in tile order, so the longest ones go first and the
     # short ones fill the tail of the last wave.
@@ -487,6 +504,33 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, ba
     _produce(fetch, hi, consumed, stages)
 
 
+def _unravel(index, grid):
+  """(tile, head, batch) of CTA `index` of a (tiles, heads, batch) grid launched tiles fastest, as CUDA does."""
+  tiles, heads, _ = grid
+  return lax.rem(index, tiles), lax.rem(lax.div(index, tiles), heads), lax.div(index, tiles * heads)
+
+
+def _fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, smem, dkv_barriers,
+                  dq_barriers, *, st_dkv, st_dq, dkv_grid, dq_grid):
+  """Both backward kernels in one launch: CTAs [0, dk/dv CTAs) run the dk/dv kernel (the longer ones, launched
+  first), the rest the dq kernel; `smem` is a union of the two kernels' shared memory. The dq CTAs then fill the
+  SMs that the dk/dv kernel's last, partial wave leaves idle, where two launches would leave each kernel's last
+  wave partly empty and put a launch gap between them."""
+  cta = lax.axis_index("ctas")
+  num_dkv = math.prod(dkv_grid)
+  dkv_smem, dq_smem = smem
+  inputs = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref)
+
+  @pl.when(cta < num_dkv)
+  def _():
+    _dkv_kernel(*inputs, dk_ref, dv_ref, dkv_smem, dkv_barriers, st=st_dkv,
+                coordinates=lambda: _unravel(cta, dkv_grid))
+
+  @pl.when(cta >= num_dkv)
+  def _():
+    _dq_kernel(*inputs, dq_ref, dq_smem, dq_barriers, st=st_dq, coordinates=lambda: _unravel(cta - num_dkv, dq_grid))
+
+
 def _barriers(count: int, num: int):
   return tuple(plgpu.Barrier(num_barriers=num) for _ in range(count))
 
@@ -526,39 +570,43 @@ def backward(q, k, v, o, lse, do, *, causal: bool, sm_scale: float, dlse=None, b
   wgs = blocks.compute_wgs
   args = (q, k, v, do, lse2, delta)
 
-  st = _Static(num_q_tiles=t // blocks.block_q_dkv, num_k_tiles=s // blocks.block_k_dkv, **common)
+  st_dkv = _Static(num_q_tiles=t // blocks.block_q_dkv, num_k_tiles=s // blocks.block_k_dkv, **common)
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.num_stages_dkv
-  dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, st=st),
-      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_types=[
-          (_tile_smem((wgs, bk, d), q.dtype), _tile_smem((wgs, bk, d), q.dtype),
-           _tile_smem((stages, bq, d), q.dtype), _tile_smem((stages, bq, d), q.dtype),
-           plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
-           *((_tile_smem((wgs, bk, bq), q.dtype),) * 2 if interpret else ())),
-          (*_barriers(2, wgs), *_barriers(4, stages),
-           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
-      ],
-      grid=(s // (wgs * bk), hkv, b),
-      grid_names=("tiles", "heads", "batch"),
-      **params,
-  )(*args)
-
-  st = _Static(num_q_tiles=t // blocks.block_q_dq, num_k_tiles=s // blocks.block_k_dq, **common)
+  dkv_grid = (s // (wgs * bk), hkv, b)
+  dkv_scratch = [
+      (_tile_smem((wgs, bk, d), q.dtype), _tile_smem((wgs, bk, d), q.dtype),
+       _tile_smem((stages, bq, d), q.dtype), _tile_smem((stages, bq, d), q.dtype),
+       plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
+       *((_tile_smem((wgs, bk, bq), q.dtype),) * 2 if interpret else ())),
+      (*_barriers(2, wgs), *_barriers(4, stages), plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
+  ]
+  st_dq = _Static(num_q_tiles=t // blocks.block_q_dq, num_k_tiles=s // blocks.block_k_dq, **common)
   bq, bk, stages = blocks.block_q_dq, blocks.block_k_dq, blocks.num_stages_dq
-  dq = plgpu.kernel(
-      functools.partial(_dq_kernel, st=st),
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_types=[
-          (_tile_smem((wgs, bq, d), q.dtype), _tile_smem((wgs, bq, d), q.dtype),
-           plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.float32),
-           _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
-           *((_tile_smem((wgs, bq, bk), q.dtype),) if interpret else ())),
-          (*_barriers(4, wgs), *_barriers(2, stages),
-           plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
-      ],
-      grid=(t // (wgs * bq), h, b),
-      grid_names=("tiles", "heads", "batch"),
-      **params,
-  )(*args)
+  dq_grid = (t // (wgs * bq), h, b)
+  dq_scratch = [
+      (_tile_smem((wgs, bq, d), q.dtype), _tile_smem((wgs, bq, d), q.dtype),
+       plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.float32),
+       _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
+       *((_tile_smem((wgs, bq, bk), q.dtype),) if interpret else ())),
+      (*_barriers(4, wgs), *_barriers(2, stages), plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
+  ]
+  dq_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  dkv_types = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+
+  if blocks.fused_launch:
+    dq, dk, dv = plgpu.kernel(
+        functools.partial(_fused_kernel, st_dkv=st_dkv, st_dq=st_dq, dkv_grid=dkv_grid, dq_grid=dq_grid),
+        out_type=[dq_type, *dkv_types],
+        scratch_types=[plgpu.RefUnion(dkv_scratch[0], dq_scratch[0]), dkv_scratch[1], dq_scratch[1]],
+        grid=(math.prod(dkv_grid) + math.prod(dq_grid),),
+        grid_names=("ctas",),
+        **params,
+    )(*args)
+    return dq, dk, dv
+
+  grid_names = ("tiles", "heads", "batch")
+  dk, dv = plgpu.kernel(functools.partial(_dkv_kernel, st=st_dkv), out_type=dkv_types, scratch_types=dkv_scratch,
+                        grid=dkv_grid, grid_names=grid_names, **params)(*args)
+  dq = plgpu.kernel(functools.partial(_dq_kernel, st=st_dq), out_type=dq_type, scratch_types=dq_scratch,
+                    grid=dq_grid, grid_names=grid_names, **params)(*args)
   return dq, dk, dv
