@@ -69,7 +69,7 @@ def test_interpret_deferred_release_and_await_dv(spec):
 
 @pytest.mark.parametrize("spec", [None, "64:64:64:64:3:3:0:0:240:1", "64:64:64:64:3:3:0:1:240:1",
                                   "64:64:64:128:3:2:0:1:240:0:1"],
-                         ids=["default", "defer_dk", "defer_dk-await_dv", "fused_launch-unequal_tiles"])
+                         ids=["default-fused_launch", "defer_dk", "defer_dk-await_dv", "fused_launch-unequal_tiles"])
 def test_lowers_for_hopper_on_cpu(spec):
   """Lowering to Mosaic GPU (layouts, wgmma shapes, the SMEM budget) runs on the host, so CI catches breakage
   of the compiled path too; only PTX compilation and the run itself need the GPU."""
@@ -77,12 +77,12 @@ def test_lowers_for_hopper_on_cpu(spec):
   q = jax.ShapeDtypeStruct((2, 512, 8, d), dtype)
   k = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
   lse = jax.ShapeDtypeStruct((2, 8, 512), jnp.float32)
-  blocks = mosaic_gpu_bwd.BlockSizes.parse(spec) if spec else None
+  blocks = mosaic_gpu_bwd.BlockSizes.parse(spec) if spec else mosaic_gpu_bwd.BlockSizes.get_default(d)
   backward = jax.jit(lambda q, k, v, o, lse, do: mosaic_gpu_bwd.backward(q, k, v, o, lse, do, causal=True,
                                                                            sm_scale=d**-0.5, blocks=blocks))
   text = backward.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
   # The dk/dv and dq kernels, or one launch of both (their shared memory a union: here of unequal tiles).
-  assert text.count("custom_call @mosaic_gpu") == (1 if blocks and blocks.fused_launch else 2)
+  assert text.count("custom_call @mosaic_gpu") == (1 if blocks.fused_launch else 2)
 
 
 def test_supports_and_rejections():

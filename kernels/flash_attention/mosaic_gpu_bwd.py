@@ -72,7 +72,9 @@ class BlockSizes:
   compute_registers: int = 232
   # Launch both kernels as one grid: the dk/dv CTAs first, then the dq CTAs, which fill the SMs the dk/dv
   # kernel's last wave leaves idle (each kernel alone ends on a partial wave: at B*T = 16K, H = 16 that is 15.5
-  # waves of 132 SMs each) and skip the gap between two launches.
+  # waves of 132 SMs each) and skip the gap between two launches. On an H200 at 8K/16K (forward+backward,
+  # benchmarks/results/flash_attention_mosaic_fused_bwd{,_d64}.md): D = 64 +3-5%, D = 128 -0.4 to +1.5%; the
+  # default (see get_default).
   fused_launch: bool = False
 
   def __post_init__(self):
@@ -102,10 +104,11 @@ class BlockSizes:
     put 64:64:64:128 with 3/2 stages within run-to-run spread of these (non-causal 465 vs 462 TFLOP/s at 8K) and
     every other tiling tried below them. await_dv with 240 compute registers adds 1-2% at D = 128 and, with a
     2-deep dq ring, 3% at D = 64 (T = 8K, causal or not; flash_attention_overlap.md,
-    flash_attention_d64_configs.md)."""
+    flash_attention_d64_configs.md); one launch for both kernels adds 3-5% at D = 64 and up to 1.5% at D = 128
+    (flash_attention_mosaic_fused_bwd{,_d64}.md)."""
     if head_dim <= 64:
-      return cls(block_k_dq=128, num_stages_dq=2, await_dv=True, compute_registers=240)
-    return cls(await_dv=True, compute_registers=240)
+      return cls(block_k_dq=128, num_stages_dq=2, await_dv=True, compute_registers=240, fused_launch=True)
+    return cls(await_dv=True, compute_registers=240, fused_launch=True)
 
   @property
   def rows_q(self) -> int:
