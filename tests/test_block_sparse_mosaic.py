@@ -113,15 +113,17 @@ def test_interpret_band_masks_match_reference():
 
 
 def test_interpret_race_detector_finds_no_race(capsys):
-  """The happens-before race detector over the K/V/bias ring: 3 masked tiles per row in a 2-slot ring."""
-  t = 256
+  """The happens-before race detector over the K/V/bias ring (3 masked tiles per row in a 2-slot ring) and the Q/O
+  buffers (3 rows: the third row's Q loads into the buffer the first row's O leaves from)."""
+  t = 384
   mask = local(t, 100, block_q=128, block_k=64)
   q, k, v, _ = inputs(1, t, t, 1, 1, 64, jnp.bfloat16)
   lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
   bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
   # Persistent with 1 CTA: both rows' tiles pass through one ring (the second row's loads overlap the first's end),
-  # the second row's Q loads into the other buffer during the first, and the masks share one slot.
-  config = block_sparse_mosaic.Config(num_ctas=1, q_buffers=2, bias_stages=1)
+  # the second row's Q loads into the other buffer during the first (after its first step, late_q_prefetch), and
+  # the masks share one slot.
+  config = block_sparse_mosaic.Config(num_ctas=1, q_buffers=2, bias_stages=1, late_q_prefetch=True)
   o, lse = block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.125, per_head_mask=False, config=config,
                                        interpret=plgpu.InterpretGPUParams(detect_races=True))
   assert_close(o, block_sparse_reference(q, k, v, mask, sm_scale=0.125), 1e-2, "o")
@@ -135,6 +137,7 @@ _PERSISTENT_132 = block_sparse_mosaic.Config(num_ctas=132)
 @pytest.mark.parametrize("d,block_k,config", [
     (128, 128, _GRID), (128, 128, _PERSISTENT_132),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=1)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, late_q_prefetch=True)),
     (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True)),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, num_stages=3, q_buffers=1))])
@@ -235,6 +238,8 @@ def test_unsupported_problems_name_the_argument():
     block_sparse_mosaic.Config(q_buffers=2, persistent=False)
   with pytest.raises(ValueError, match="bias_stages"):
     block_sparse_mosaic.Config(bias_stages=0)
+  with pytest.raises(ValueError, match="late_q_prefetch"):
+    block_sparse_mosaic.Config(q_buffers=1, late_q_prefetch=True)
   with pytest.raises(ValueError, match="shared memory"):  # two Q buffers and two bias slots at D = 128
     block_sparse_attention(*inputs(1, 256, 256, 1, 1, 128, jnp.bfloat16)[:3], local(256, 64), impl="mosaic",
                            mosaic_config=block_sparse_mosaic.Config(q_buffers=2, bias_stages=2))
@@ -289,9 +294,10 @@ def test_gpu_head_dim_64_and_fp16(dtype):
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
 def test_gpu_forward_configs_match_reference(mask_name):
   """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with one Q buffer and two
-  bias slots, and one CTA per row (test_gpu_matches_reference runs the default: one CTA per SM)."""
+  bias slots or with the next row's Q loaded after a row's first step, and one CTA per row
+  (test_gpu_matches_reference runs the default: one CTA per SM)."""
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
-  for config in (block_sparse_mosaic.Config(num_ctas=20),
-                 block_sparse_mosaic.Config(num_ctas=20, q_buffers=1), _GRID):
+  for config in (block_sparse_mosaic.Config(num_ctas=20), block_sparse_mosaic.Config(num_ctas=20, q_buffers=1),
+                 block_sparse_mosaic.Config(num_ctas=20, late_q_prefetch=True), _GRID):
     compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

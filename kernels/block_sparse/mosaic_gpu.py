@@ -71,6 +71,9 @@ class Config:
   # tiles keep the bias. Off: on an H200 its forward was within noise of the bias ring's (with two Q buffers, or
   # with three K/V stages), and its backward 2-5% slower (benchmarks/results/block_sparse_mosaic_band.md).
   band_masks: bool = False
+  # With two Q buffers: wait for the previous row's O store and load the next row's Q after this row's first step
+  # instead of at its start, so a row does not begin by waiting for the store just issued. (Not yet measured.)
+  late_q_prefetch: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -89,6 +92,8 @@ class Config:
       raise ValueError(f"q_buffers={self.q_buffers} is not valid; choose 1, 2 or None (2 when persistent)")
     if self.q_buffers == 2 and not self.persistent:
       raise ValueError("q_buffers=2 needs persistent=True (a CTA per row has no next row to load)")
+    if self.late_q_prefetch and self.resolved_q_buffers != 2:
+      raise ValueError("late_q_prefetch needs two Q buffers (q_buffers=2, or None with persistent=True)")
 
   @property
   def resolved_q_buffers(self) -> int:
@@ -201,7 +206,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
 
-    def step(j, carry, q_smem, start, bias_start, list_row, masked):
+    def step(j, carry, q_smem, start, bias_start, list_row, masked, after_first=None):
       acc, m, l = carry
       slot = lax.rem(start + j, jnp.int32(stages))
       if masked and static.band:
@@ -252,6 +257,8 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       else:
         acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_consumed.at[slot])
+      if after_first is not None:
+        pl.when(j == 0)(after_first)
       return acc, m_new, l
 
     def load_q(i, buffer):
@@ -268,13 +275,19 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       row = row_tile * MASK_BLOCK_Q + wg * bq
       buffer = lax.rem(i, jnp.int32(q_buffers))
       q_smem = qo_smem.at[buffer, wg]
-      # The previous item's O leaves from its Q buffer: wait until the copy has read it, then refill that buffer
-      # (with this row's Q when there is one buffer, with the next row's when there are two).
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      if q_buffers == 1:
-        load_q(i, 0)
-      else:
-        pl.when(i + 1 < num_items)(lambda: load_q(i + 1, 1 - buffer))
+
+      def refill():
+        """The previous item's O leaves from its Q buffer: wait until the copy has read it, then refill that
+        buffer (with this row's Q when there is one buffer, with the next row's when there are two)."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        if q_buffers == 1:
+          load_q(i, 0)
+        else:
+          pl.when(i + 1 < num_items)(lambda: load_q(i + 1, 1 - buffer))
+
+      late = q_buffers == 2 and static.config.late_q_prefetch
+      if not late:
+        refill()
       d = q_smem.shape[-1]
       m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -282,9 +295,11 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_wait(q_ready.at[buffer * _CONSUMERS + wg])
       pl.when(wg == 1)(take_turn)  # consumer 0 goes first
       body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full,
-                               list_row=(mask_head, row_tile))
+                               list_row=(mask_head, row_tile), after_first=refill if late else None)
       carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), (acc, m, l))
       acc, m, l = lax.fori_loop(num_full, count, functools.partial(body, masked=True), carry)
+      if late:
+        pl.when(count == 0)(refill)  # a row with nothing to visit has no first step
       pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
 
       empty = l == 0.0
