@@ -72,7 +72,8 @@ class Config:
   # with three K/V stages), and its backward 2-5% slower (benchmarks/results/block_sparse_mosaic_band.md).
   band_masks: bool = False
   # With two Q buffers: wait for the previous row's O store and load the next row's Q after this row's first step
-  # instead of at its start, so a row does not begin by waiting for the store just issued. (Not yet measured.)
+  # instead of at its start, so a row does not begin by waiting for the store just issued. Off: within noise of
+  # the default on an H200 (-5% to +4% forward; benchmarks/results/block_sparse_mosaic.md).
   late_q_prefetch: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask

@@ -61,7 +61,8 @@ class Config:
   overlap: bool | None = None
   # Launch order. False: head by head, each head's query tiles together (causal: longest first within the head).
   # True: query tile by query tile across all heads, so causally every head's longest tiles start in the first
-  # waves instead of the last head's starting in the last one. Not yet measured on a GPU, hence off.
+  # waves instead of the last head's starting in the last one. Off: on an H200 it gave nothing causally (8K 580
+  # vs 577, 16K 574 vs 590 TFLOP/s forward; benchmarks/results/flash_attention_mosaic_fused_bwd.md).
   heads_inner: bool = False
 
   def __post_init__(self):
