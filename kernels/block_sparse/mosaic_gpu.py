@@ -207,12 +207,41 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
 
+    def read_bounds(j, list_row):
+      """A band-masked entry's (lo, hi); read before a step's waits, so the loads' latency hides behind them."""
+      return mask_ref[list_row[0], list_row[1], j, 0], mask_ref[list_row[0], list_row[1], j, 1]
+
+    def mask_logits(s, j, bounds, bias_start):
+      """S of a partial tile with its element mask: -inf where the band bounds exclude, or the loaded bias."""
+      if static.band:
+        lo, hi = bounds
+        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
+        diagonal = iota(1) - iota(0) - wg * bq  # key - query within the 128 x bk mask tile
+        return jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
+      bias_slot = lax.rem(bias_start + j, jnp.int32(bias_stages))
+      plgpu.barrier_wait(bias_ready.at[bias_slot * _CONSUMERS + wg])
+      s = s + plgpu.load(bias_smem.at[bias_slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      if static.interpret:
+        plgpu.commit_smem()  # the generic-proxy read before the slot's TMA refill
+      plgpu.barrier_arrive(bias_consumed.at[bias_slot])
+      return s
+
+    def softmax_update(s, m, masked):
+      """Online softmax in scaled base 2: (new row max, alpha rescaling what was summed under m, probabilities)."""
+      m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
+      if masked:
+        # A row that has attended nothing yet (all -inf so far) keeps zero weight instead of exp2(-inf + inf).
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      else:
+        m_use = m_new  # a full tile gives every row a finite maximum
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s * static.scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+      return m_new, alpha, p
+
     def step(j, carry, q_smem, start, bias_start, list_row, masked, after_first=None):
       acc, m, l = carry
       slot = lax.rem(start + j, jnp.int32(stages))
-      if masked and static.band:
-        # Read before the waits, so the loads' latency hides behind them and S.
-        lo, hi = mask_ref[list_row[0], list_row[1], j, 0], mask_ref[list_row[0], list_row[1], j, 1]
+      bounds = read_bounds(j, list_row) if masked and static.band else None
       plgpu.barrier_wait(k_ready.at[slot])
 
       def logits(s_ref):
@@ -222,25 +251,9 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
       s = pl.run_scoped(logits, plgpu.ACC((bq, bk), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
-      if masked and static.band:
-        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
-        diagonal = iota(1) - iota(0) - wg * bq  # key - query within the 128 x bk mask tile
-        s = jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
-      elif masked:
-        bias_slot = lax.rem(bias_start + j, jnp.int32(bias_stages))
-        plgpu.barrier_wait(bias_ready.at[bias_slot * _CONSUMERS + wg])
-        s = s + plgpu.load(bias_smem.at[bias_slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-        if static.interpret:
-          plgpu.commit_smem()  # the generic-proxy read before the slot's TMA refill
-        plgpu.barrier_arrive(bias_consumed.at[bias_slot])
-      m_new = jnp.maximum(m, s.max(axis=1) * static.scale)
       if masked:
-        # A row that has attended nothing yet (all -inf so far) keeps zero weight instead of exp2(-inf + inf).
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      else:
-        m_use = m_new  # a full tile gives every row a finite maximum
-      alpha = jnp.exp2(m - m_use)
-      p = jnp.exp2(s * static.scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        s = mask_logits(s, j, bounds, bias_start)
+      m_new, alpha, p = softmax_update(s, m, masked)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       l = l * alpha + p.sum(axis=1)
       p16 = p.astype(static.dtype)
