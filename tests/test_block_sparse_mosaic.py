@@ -53,6 +53,12 @@ _Q_BUFFERS_1 = block_sparse_mosaic.Config(q_buffers=1, num_ctas=2)
         pytest.param(256, 384, 2, 2, 64, 128, lambda t, s, bk: stack_heads(
             [local(t, 100, s, block_q=128, block_k=bk), _rows_attending_nothing(t, s, bk)]), _Q_BUFFERS_1,
                      id="per-head-empty-rows-T<S-bk128"),
+        # Config.overlap (S_j issued with P_{j-1} V_{j-1}, a token passed between the consumers): partial tiles'
+        # biases, a row with nothing to visit and rows attending nothing, several rows per CTA, GQA 2.
+        pytest.param(256, 384, 4, 2, 64, 128, lambda t, s, bk: stack_heads(
+            [local(t, 100, s, block_q=128, block_k=bk) | global_tokens(t, (5,), s, block_q=128, block_k=bk),
+             _rows_attending_nothing(t, s, bk)] * 2), block_sparse_mosaic.Config(overlap=True, num_ctas=2),
+                     id="overlap-per-head-empty-rows"),
         # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
         # crosses from one query head's list to the next).
         pytest.param(256, 256, 2, 1, 128, 128, lambda t, s, bk: local(t, 300, block_q=128, block_k=bk), None,
@@ -138,6 +144,8 @@ _PERSISTENT_132 = block_sparse_mosaic.Config(num_ctas=132)
     (128, 128, _GRID), (128, 128, _PERSISTENT_132),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, q_buffers=1)),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, late_q_prefetch=True)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, overlap=True)),
+    (128, 128, block_sparse_mosaic.Config(num_ctas=132, overlap=True, band_masks=True)),
     (128, 64, _PERSISTENT_132), (64, 128, _PERSISTENT_132),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True)),
     (128, 128, block_sparse_mosaic.Config(num_ctas=132, band_masks=True, num_stages=3, q_buffers=1))])
@@ -269,6 +277,7 @@ def test_gpu_matches_reference(mask_name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [
     block_sparse_mosaic.Config(band_masks=True, q_buffers=2),
+    block_sparse_mosaic.Config(band_masks=True, overlap=True),
     block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1, num_ctas=20)])
 def test_gpu_band_masks_match_reference(config):
   """Window masks from band bounds in the kernel (no bias ring), with a second Q buffer or a third K/V stage."""
@@ -294,10 +303,11 @@ def test_gpu_head_dim_64_and_fp16(dtype):
 @pytest.mark.parametrize("mask_name", ["sliding-256", "per-head-empty-rows"])
 def test_gpu_forward_configs_match_reference(mask_name):
   """The persistent kernels on 20 CTAs (2 x 8 x 8 = 128 rows: several per CTA), also with one Q buffer and two
-  bias slots or with the next row's Q loaded after a row's first step, and one CTA per row
+  bias slots, with the next row's Q loaded after a row's first step or with overlap, and one CTA per row
   (test_gpu_matches_reference runs the default: one CTA per SM)."""
   t = 1024
   q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
   for config in (block_sparse_mosaic.Config(num_ctas=20), block_sparse_mosaic.Config(num_ctas=20, q_buffers=1),
-                 block_sparse_mosaic.Config(num_ctas=20, late_q_prefetch=True), _GRID):
+                 block_sparse_mosaic.Config(num_ctas=20, late_q_prefetch=True),
+                 block_sparse_mosaic.Config(num_ctas=20, overlap=True), _GRID):
     compare(q, k, v, do, GPU_MASKS[mask_name](t), block_sizes=None, impl="mosaic", mosaic_config=config)

@@ -41,7 +41,8 @@ _IMPLS = flags.DEFINE_list(
     "Sparse implementations to time (besides dense flash): ours (impl='pallas', the Triton lowering), mosaic "
     "(impl='mosaic', the Mosaic GPU kernels for Hopper, default config; any mosaic kernel also adds a dense flash "
     "row with impl='mosaic' to compare against), mosaic-qbuf1 (its forward with one Q buffer and a 2-deep mask "
-    "ring), mosaic-lateq (the next row's Q loaded after a row's first step), mosaic-band / mosaic-band3 (window "
+    "ring), mosaic-lateq (the next row's Q loaded after a row's first step), mosaic-overlap (S_j issued with "
+    "P_{j-1} V_{j-1}, softmax under the P V product), mosaic-band / mosaic-band3 (window "
     "masks computed in the kernels, with two Q buffers / one Q buffer and three K/V stages), mosaic-grid (one CTA "
     "per row or key tile instead of persistent kernels), cudnn, flex.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
@@ -54,11 +55,12 @@ _BLOCKS = flags.DEFINE_list(
 _B, _H, _D = 1, 16, 128
 # impl='mosaic' kernels by name: the default config, the forward with one Q buffer (the next row's Q loads only
 # after this row's O has left) and two slots for partial tiles' masks, the next row's Q loaded after a row's first
-# step (late_q_prefetch) rather than at its start, window masks from band bounds in the kernels
-# with two Q buffers, or with one and three K/V stages (BigBird's tiles are all full: no masks to load either way),
-# and one CTA per row or key tile.
+# step (late_q_prefetch) rather than at its start, FA3's intra-warpgroup pipelining (overlap), window masks from
+# band bounds in the kernels with two Q buffers, or with one and three K/V stages (BigBird's tiles are all full: no
+# masks to load either way), and one CTA per row or key tile.
 _MOSAIC_KERNELS = {"mosaic": None, "mosaic-qbuf1": block_sparse_mosaic.Config(q_buffers=1),
                    "mosaic-lateq": block_sparse_mosaic.Config(late_q_prefetch=True),
+                   "mosaic-overlap": block_sparse_mosaic.Config(overlap=True),
                    "mosaic-band": block_sparse_mosaic.Config(band_masks=True),
                    "mosaic-band3": block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1),
                    "mosaic-grid": block_sparse_mosaic.Config(persistent=False)}
@@ -216,8 +218,9 @@ def _table(rows):
            f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
            "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-qbuf1: one Q buffer, two "
-           "mask slots; -lateq: next Q after a row's first step; -band / -band3: masks from band bounds, two Q "
-           "buffers / one and three stages; -grid: one CTA per row or key tile instead of persistent kernels)", "",
+           "mask slots; -lateq: next Q after a row's first step; -overlap: FA3 intra-warpgroup pipelining; -band / "
+           "-band3: masks from band bounds, two Q buffers / one and three stages; -grid: one CTA per row or key tile "
+           "instead of persistent kernels)", "",
            "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
            "|---|---|---|---|---|---|---|---|---|---|"]

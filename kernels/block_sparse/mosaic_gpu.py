@@ -75,6 +75,11 @@ class Config:
   # instead of at its start, so a row does not begin by waiting for the store just issued. Off: within noise of
   # the default on an H200 (-5% to +4% forward; benchmarks/results/block_sparse_mosaic.md).
   late_q_prefetch: bool = False
+  # FA3's intra-warpgroup pipelining, as the dense flash forward's Config.overlap: step j issues S_j = Q K_j^T
+  # with O += P_{j-1} V_{j-1} and runs softmax(S_j) while the P V product is on the tensor cores; the consumers
+  # pass a token to take turns issuing. The dense flash it is compared against gains about 5% from it at
+  # D = 128 without masks. (Not yet measured here, hence off.)
+  overlap: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
@@ -188,6 +193,9 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
   else:
     (qo_smem, k_smem, v_smem, bias_smem, q_ready, k_ready, v_ready, bias_ready, k_consumed, v_consumed,
      bias_consumed, turn) = scratch
+  # The consumers' turns on the tensor cores: one two-arrival barrier met at every step, or with overlap a token
+  # passed through two one-arrival barriers (turns[wg] is consumer wg's).
+  turns = turn if static.config.overlap else None
   bq, bk, stages = _ROWS, static.block_k, static.config.num_stages
   bias_stages, q_buffers = static.config.resolved_bias_stages, static.config.resolved_q_buffers
   cta, wg = lax.axis_index("ctas"), lax.axis_index("wg")
@@ -275,6 +283,96 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         pl.when(j == 0)(after_first)
       return acc, m_new, l
 
+    def overlapped_row(carry, q_smem, start, bias_start, list_row, num_full, count):
+      """A row with Config.overlap (FA3's intra-warpgroup pipelining, as kernels/flash_attention/mosaic_gpu.py's
+      `_overlapped_steps`): step 0 issues S_0; step j >= 1 issues S_j = Q K_j^T with O += P_{j-1} V_{j-1}, waits
+      for S_j only and runs softmax(S_j) under the P V product; a last step issues P V of the final tile. Issuing
+      is a turn passed between the consumers through turns[wg] (one per step, so both take `count` turns a row
+      and the token runs on across rows). Returns (acc, m, l)."""
+      mine, other = turns.at[wg], turns.at[1 - wg]
+      position = lambda j: lax.rem(start + j, jnp.int32(stages))
+
+      def logits(slot, pv=None):
+        """S = Q K^T (and, on the GPU, the pending P V product `pv` issued after it); then the turn passes."""
+        def body(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          if pv is not None:
+            pv()
+          plgpu.barrier_arrive(other)
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
+        return pl.run_scoped(body, plgpu.ACC((bq, bk), jnp.float32))
+
+      def first_step(carry, masked):
+        acc, m, l = carry
+        bounds = read_bounds(0, list_row) if masked and static.band else None
+        plgpu.barrier_wait(k_ready.at[position(0)])
+        plgpu.barrier_wait(mine)
+        s = logits(position(0))
+        plgpu.barrier_arrive(k_consumed.at[position(0)])
+        if masked:
+          s = mask_logits(s, 0, bounds, bias_start)
+        m, _, p = softmax_update(s, m, masked)  # acc and l are still zero: nothing to rescale
+        return acc, m, p.sum(axis=1), p.astype(static.dtype)
+
+      def product(acc, p16, slot):
+        """acc + P V in turn (interpret mode: no register-operand wgmma; V read through the generic proxy)."""
+        return acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+      def overlapped_step(j, carry, masked):
+        acc, m, l, p16 = carry
+        slot, prev = position(j), position(j - 1)
+        bounds = read_bounds(j, list_row) if masked and static.band else None
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[prev])
+        plgpu.barrier_wait(mine)
+        if static.interpret:
+          s = logits(slot)
+          acc = product(acc, p16, prev)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          if masked:
+            s = mask_logits(s, j, bounds, bias_start)
+          m, alpha, p = softmax_update(s, m, masked)
+          l, p16 = l * alpha + p.sum(axis=1), p.astype(static.dtype)
+        else:
+          def pipelined(refs):
+            acc_ref, m_ref, l_ref, p16_ref, alpha_ref = refs
+            s = logits(slot, pv=lambda: plgpu.wgmma(acc_ref, p16_ref[...], v_smem.at[prev]))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            s = mask_logits(s, j, bounds, bias_start) if masked else s
+            m_new, alpha, p = softmax_update(s, m_ref[...], masked)
+            m_ref[...], alpha_ref[...] = m_new, alpha
+            l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+            p16_ref[...] = p.astype(static.dtype)
+
+          # run_state's exit awaits the P V product; the softmax above ran while it was in flight.
+          acc, m, l, p16, alpha = pl.run_state(pipelined)((plgpu.ACC.init(acc), m, l, p16, m))
+        plgpu.barrier_arrive(v_consumed.at[prev])
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
+
+      def last_product(carry):
+        acc, m, l, p16 = carry
+        slot = position(count - 1)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if static.interpret:
+          acc = product(acc, p16, slot)
+          plgpu.commit_smem()
+        else:
+          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m, l
+
+      def row(carry):
+        carry = lax.cond(num_full > 0, functools.partial(first_step, masked=False),
+                         functools.partial(first_step, masked=True), carry)
+        first_masked = jnp.maximum(num_full, 1)
+        carry = lax.fori_loop(1, first_masked, functools.partial(overlapped_step, masked=False), carry)
+        carry = lax.fori_loop(first_masked, count, functools.partial(overlapped_step, masked=True), carry)
+        return last_product(carry)
+
+      return lax.cond(count > 0, row, lambda carry: carry, carry)
+
     def load_q(i, buffer):
       batch, head, row_tile, *_ = work(i)
       row = row_tile * MASK_BLOCK_Q + wg * bq
@@ -307,14 +405,20 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       plgpu.barrier_wait(q_ready.at[buffer * _CONSUMERS + wg])
-      pl.when(wg == 1)(take_turn)  # consumer 0 goes first
-      body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full,
-                               list_row=(mask_head, row_tile), after_first=refill if late else None)
-      carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), (acc, m, l))
-      acc, m, l = lax.fori_loop(num_full, count, functools.partial(body, masked=True), carry)
-      if late:
-        pl.when(count == 0)(refill)  # a row with nothing to visit has no first step
-      pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
+      if static.config.overlap:
+        acc, m, l = overlapped_row((acc, m, l), q_smem, start, bias_start - num_full, (mask_head, row_tile),
+                                   num_full, count)
+        if late:
+          refill()
+      else:
+        pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+        body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full,
+                                 list_row=(mask_head, row_tile), after_first=refill if late else None)
+        carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), (acc, m, l))
+        acc, m, l = lax.fori_loop(num_full, count, functools.partial(body, masked=True), carry)
+        if late:
+          pl.when(count == 0)(refill)  # a row with nothing to visit has no first step
+        pl.when(wg == 0)(take_turn)  # balances consumer 1's opening turn
 
       empty = l == 0.0
       safe_l = jnp.where(empty, 1.0, l)
@@ -327,7 +431,11 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
     if q_buffers == 2:
       pl.when(num_items > 0)(lambda: load_q(0, 0))
+    if static.config.overlap:
+      pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))  # consumer 0 takes the first turn
     lax.fori_loop(0, num_items, item, (jnp.int32(0), jnp.int32(0)))
+    if static.config.overlap:
+      pl.when(wg == 0)(lambda: plgpu.barrier_wait(turns.at[0]))  # consumer 1's last pass
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _CONSUMERS)
@@ -439,7 +547,8 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # K slot free
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),  # V slot free
       *(() if band else bias_scratch[2:]),
-      plgpu.Barrier(num_arrivals=_CONSUMERS),  # tensor-core turn
+      # Tensor-core turns: met by both consumers, or (overlap) passed from one to the other.
+      plgpu.Barrier(num_arrivals=1, num_barriers=2) if config.overlap else plgpu.Barrier(num_arrivals=_CONSUMERS),
   )
   return plgpu.kernel(
       functools.partial(_kernel, static=static),
