@@ -55,9 +55,9 @@ _Q_BUFFERS_1 = block_sparse_mosaic.Config(q_buffers=1, num_ctas=2)
                      id="per-head-empty-rows-T<S-bk128"),
         # Config.overlap (S_j issued with P_{j-1} V_{j-1}, a token passed between the consumers): partial tiles'
         # biases, a row with nothing to visit and rows attending nothing, several rows per CTA, GQA 2.
-        pytest.param(256, 384, 4, 2, 64, 128, lambda t, s, bk: stack_heads(
+        pytest.param(256, 384, 2, 1, 64, 128, lambda t, s, bk: stack_heads(
             [local(t, 100, s, block_q=128, block_k=bk) | global_tokens(t, (5,), s, block_q=128, block_k=bk),
-             _rows_attending_nothing(t, s, bk)] * 2), block_sparse_mosaic.Config(overlap=True, num_ctas=2),
+             _rows_attending_nothing(t, s, bk)]), block_sparse_mosaic.Config(overlap=True, num_ctas=2),
                      id="overlap-per-head-empty-rows"),
         # D = 128 (the dq kernel steps through each key tile in two 64-key halves), GQA 2 (the dk/dv stream
         # crosses from one query head's list to the next).
