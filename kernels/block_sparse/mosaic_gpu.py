@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.block_sparse import schedule
+from kernels.flash_attention.mosaic_gpu import logits_passing_turn, pipelined_step, pv_product
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -270,14 +271,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       plgpu.barrier_arrive(turn)  # softmax done: the other consumer may issue its matmuls
       plgpu.barrier_wait(v_ready.at[slot])
       plgpu.barrier_wait(turn)  # tensor cores are free again
-      if static.interpret:
-        # Interpret mode has no register-operand wgmma: the same product, reading V through the generic proxy
-        # (hence the fence before the TMA refill of the slot).
-        acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-        plgpu.commit_smem()
-      else:
-        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+      acc = pv_product(acc, p16, v_smem.at[slot], interpret=static.interpret)
       plgpu.barrier_arrive(v_consumed.at[slot])
       if after_first is not None:
         pl.when(j == 0)(after_first)
@@ -293,14 +287,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
       position = lambda j: lax.rem(start + j, jnp.int32(stages))
 
       def logits(slot, pv=None):
-        """S = Q K^T (and, on the GPU, the pending P V product `pv` issued after it); then the turn passes."""
-        def body(s_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          if pv is not None:
-            pv()
-          plgpu.barrier_arrive(other)
-          return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
-        return pl.run_scoped(body, plgpu.ACC((bq, bk), jnp.float32))
+        return logits_passing_turn(q_smem, k_smem.at[slot], other, pv)
 
       def first_step(carry, masked):
         acc, m, l = carry
@@ -314,11 +301,6 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         m, _, p = softmax_update(s, m, masked)  # acc and l are still zero: nothing to rescale
         return acc, m, p.sum(axis=1), p.astype(static.dtype)
 
-      def product(acc, p16, slot):
-        """acc + P V in turn (interpret mode: no register-operand wgmma; V read through the generic proxy)."""
-        return acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-
       def overlapped_step(j, carry, masked):
         acc, m, l, p16 = carry
         slot, prev = position(j), position(j - 1)
@@ -326,28 +308,18 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         plgpu.barrier_wait(k_ready.at[slot])
         plgpu.barrier_wait(v_ready.at[prev])
         plgpu.barrier_wait(mine)
-        if static.interpret:
-          s = logits(slot)
-          acc = product(acc, p16, prev)
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(k_consumed.at[slot])
-          if masked:
-            s = mask_logits(s, j, bounds, bias_start)
-          m, alpha, p = softmax_update(s, m, masked)
-          l, p16 = l * alpha + p.sum(axis=1), p.astype(static.dtype)
-        else:
-          def pipelined(refs):
-            acc_ref, m_ref, l_ref, p16_ref, alpha_ref = refs
-            s = logits(slot, pv=lambda: plgpu.wgmma(acc_ref, p16_ref[...], v_smem.at[prev]))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            s = mask_logits(s, j, bounds, bias_start) if masked else s
-            m_new, alpha, p = softmax_update(s, m_ref[...], masked)
-            m_ref[...], alpha_ref[...] = m_new, alpha
-            l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
-            p16_ref[...] = p.astype(static.dtype)
 
-          # run_state's exit awaits the P V product; the softmax above ran while it was in flight.
-          acc, m, l, p16, alpha = pl.run_state(pipelined)((plgpu.ACC.init(acc), m, l, p16, m))
+        def softmax(s, m):
+          s = mask_logits(s, j, bounds, bias_start) if masked else s
+          return softmax_update(s, m, masked)
+
+        def issue(pv):
+          s = logits(slot, pv=pv)
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          return s
+
+        acc, m, l, p16, alpha = pipelined_step(acc, m, l, p16, v_prev=v_smem.at[prev], logits=issue, softmax=softmax,
+                                               dtype=static.dtype, interpret=static.interpret)
         plgpu.barrier_arrive(v_consumed.at[prev])
         return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
 
@@ -355,11 +327,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         acc, m, l, p16 = carry
         slot = position(count - 1)
         plgpu.barrier_wait(v_ready.at[slot])
-        if static.interpret:
-          acc = product(acc, p16, slot)
-          plgpu.commit_smem()
-        else:
-          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+        acc = pv_product(acc, p16, v_smem.at[slot], interpret=static.interpret)
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m, l
 

@@ -204,6 +204,54 @@ def _tile_softmax(s, m, *, j, row, masked: bool, static: _Static):
   return m_new, alpha, p
 
 
+def pv_product(acc, p16, v_tile, *, interpret: bool):
+  """acc + P V with V the tile in shared memory `v_tile`: a register-operand wgmma, awaited. Interpret mode has no
+  register-operand wgmma: there a dot reads V through the generic proxy, fenced before the slot's TMA refill."""
+  if interpret:
+    acc = acc + lax.dot_general(p16, v_tile[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    plgpu.commit_smem()
+    return acc
+  return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_tile))(plgpu.ACC.init(acc))
+
+
+def logits_passing_turn(q_smem, k_tile, other, pv=None):
+  """S = Q K^T for a consumer's Q and a K tile in shared memory (and, on the GPU, the pending P V product `pv`
+  issued behind it); passes the turn (arrives on the other consumer's barrier `other`) once both are issued, and
+  returns S as soon as it alone is ready."""
+  def body(s_ref):
+    plgpu.wgmma(s_ref, q_smem, k_tile.transpose((1, 0)))
+    if pv is not None:
+      pv()
+    plgpu.barrier_arrive(other)
+    return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
+  return pl.run_scoped(body, plgpu.ACC((q_smem.shape[0], k_tile.shape[0]), jnp.float32))
+
+
+def pipelined_step(acc, m, l, p16, *, v_prev, logits, softmax, dtype, interpret: bool):
+  """One overlapped step (FA3's intra-warpgroup pipelining), shared with the block-sparse forward.
+
+  logits(pv) issues S_j = Q K_j^T, calls pv() to issue O += P_{j-1} V_{j-1} (V from `v_prev`) behind it, and
+  returns S_j once it alone is ready; softmax(s, m) -> (m_new, alpha, p) then runs while the P V product is on the
+  tensor cores, and run_state's exit awaits it. Returns (acc, m, l, p16, alpha), acc not yet rescaled by alpha.
+  """
+  if interpret:
+    # Interpret mode has neither register-operand wgmma nor pl.run_state over plain values: the products in turn.
+    s = logits(None)
+    acc = pv_product(acc, p16, v_prev, interpret=True)
+    m, alpha, p = softmax(s, m)
+    return acc, m, l * alpha + p.sum(axis=1), p.astype(dtype), alpha
+
+  def pipelined(refs):
+    acc_ref, m_ref, l_ref, p16_ref, alpha_ref = refs
+    s = logits(lambda: plgpu.wgmma(acc_ref, p16_ref[...], v_prev))
+    m_new, alpha, p = softmax(s, m_ref[...])
+    m_ref[...], alpha_ref[...] = m_new, alpha
+    l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
+    p16_ref[...] = p.astype(dtype)
+
+  return pl.run_state(pipelined)((plgpu.ACC.init(acc), m, l, p16, m))
+
+
 def _overlapped_steps(carry, *, q_smem, k_smem, v_smem, k_ready, v_ready, k_consumed, v_consumed, turns, wg, row,
                       k_tiles, unmasked, cta_k_tiles, static: _Static):
   """The consumer loop of `Config.overlap`: FA3's intra-warpgroup pipelining. Returns (acc, m, l).
@@ -216,24 +264,17 @@ def _overlapped_steps(carry, *, q_smem, k_smem, v_smem, k_ready, v_ready, k_cons
   so the token never waits on a finished consumer.
   """
   cfg = static.config
-  bq, bk, stages = cfg.block_q, cfg.block_k, cfg.num_stages
+  stages = cfg.num_stages
   mine, other = turns.at[wg], turns.at[1 - wg]
 
-  def logits(j, slot, pv=None):
-    """S_j = Q K_j^T (and, GPU only, the pending P V product `pv` issued after it), then the turn passes."""
-    def body(s_ref):
-      plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-      if pv is not None:
-        pv()
-      plgpu.barrier_arrive(other)
-      return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if pv is None else 1)
-    return pl.run_scoped(body, plgpu.ACC((bq, bk), jnp.float32))
+  def logits(slot, pv=None):
+    return logits_passing_turn(q_smem, k_smem.at[slot], other, pv)
 
   def first_step(carry):
     acc, m, l = carry
     plgpu.barrier_wait(k_ready.at[0])
     plgpu.barrier_wait(mine)
-    s = logits(0, 0)
+    s = logits(0)
     plgpu.barrier_arrive(k_consumed.at[0])
     # The first tile is masked whenever any is: masking a tile every row sees whole is a no-op.
     m, _, p = _tile_softmax(s, m, j=0, row=row, masked=static.needs_mask, static=static)
@@ -245,28 +286,15 @@ def _overlapped_steps(carry, *, q_smem, k_smem, v_smem, k_ready, v_ready, k_cons
     plgpu.barrier_wait(k_ready.at[slot])
     plgpu.barrier_wait(v_ready.at[prev])
     plgpu.barrier_wait(mine)
-    if static.interpret:
-      # Interpret mode has neither register-operand wgmma nor pl.run_state over plain values: same products, in
-      # turn. P V reads V through the generic proxy, so fence before the TMA refill of the slot.
-      s = logits(j, slot)
-      acc = acc + lax.dot_general(p16, v_smem.at[prev][...], (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      m, alpha, p = _tile_softmax(s, m, j=j, row=row, masked=masked, static=static)
-      l, p16 = l * alpha + p.sum(axis=1), p.astype(static.dtype)
-    else:
-      def pipelined(refs):
-        acc_ref, m_ref, l_ref, p16_ref, alpha_ref = refs
-        s = logits(j, slot, pv=lambda: plgpu.wgmma(acc_ref, p16_ref[...], v_smem.at[prev]))
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        m_new, alpha, p = _tile_softmax(s, m_ref[...], j=j, row=row, masked=masked, static=static)
-        m_ref[...], alpha_ref[...] = m_new, alpha
-        l_ref[...] = l_ref[...] * alpha + p.sum(axis=1)
-        p16_ref[...] = p.astype(static.dtype)
 
-      # run_state's exit awaits the P V product; the softmax above ran while it was in flight.
-      acc, m, l, p16, alpha = pl.run_state(pipelined)((plgpu.ACC.init(acc), m, l, p16, m))
+    def issue(pv):
+      s = logits(slot, pv=pv)
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      return s
+
+    acc, m, l, p16, alpha = pipelined_step(
+        acc, m, l, p16, v_prev=v_smem.at[prev], logits=issue, dtype=static.dtype, interpret=static.interpret,
+        softmax=functools.partial(_tile_softmax, j=j, row=row, masked=masked, static=static))
     plgpu.barrier_arrive(v_consumed.at[prev])
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m, l, p16
 
@@ -274,12 +302,7 @@ def _overlapped_steps(carry, *, q_smem, k_smem, v_smem, k_ready, v_ready, k_cons
     acc, m, l, p16 = carry
     slot = lax.rem(k_tiles - 1, jnp.int32(stages))
     plgpu.barrier_wait(v_ready.at[slot])
-    if static.interpret:
-      acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-      plgpu.commit_smem()
-    else:
-      acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(plgpu.ACC.init(acc))
+    acc = pv_product(acc, p16, v_smem.at[slot], interpret=static.interpret)
     plgpu.barrier_arrive(v_consumed.at[slot])
     return acc, m, l
 
