@@ -90,6 +90,16 @@ def test_lowers_for_cuda(causal, kv_length, config):
   f.trace(q, k, k).lower(lowering_platforms=("cuda",))
 
 
+def test_lowering_fingerprint_tells_kernels_apart():
+  """tests.lowering_fingerprint (the refactoring check) gives one kernel the same hash twice and another a new one."""
+  from tests.lowering_fingerprint import fingerprint
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  forward = lambda overlap: lambda q, k, v: mosaic_gpu.forward(q, k, v, causal=False, sm_scale=0.1,
+                                                               config=mosaic_gpu.Config(overlap=overlap))
+  first = fingerprint(forward(True), q, q, q)
+  assert fingerprint(forward(True), q, q, q) == first != fingerprint(forward(False), q, q, q)
+
+
 def test_supports_and_errors():
   q, k, v, _, _ = _inputs(1, 128, 128, 2, 2, 64, jnp.bfloat16)
   assert mosaic_gpu.supports(q, k, v, True, None, None)
