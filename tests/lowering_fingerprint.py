@@ -15,6 +15,7 @@ import re
 import jax
 import jax.numpy as jnp
 from jax._src.interpreters import mlir as jax_mlir
+from jax._src.lib import mosaic_gpu_dialect
 from jax._src.lib.mlir import ir
 
 from kernels.block_sparse import global_tokens, local, stack_heads
@@ -36,6 +37,7 @@ def kernel_texts(lowered) -> list[str]:
             config = ir.DictAttr(inner.operation.attributes["mhlo.backend_config"])
             if "module" in config:
               with jax_mlir.make_ir_context() as context:
+                mosaic_gpu_dialect.register_dialect(context)  # its types (barriers) inside memrefs must parse
                 context.allow_unregistered_dialects = True
                 module = ir.Module.parse(ir.StringAttr(config["module"]).value_bytes)
                 text = module.operation.get_asm(enable_debug_info=False)
