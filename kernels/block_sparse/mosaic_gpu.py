@@ -377,7 +377,7 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         acc, m, l = overlapped_row((acc, m, l), q_smem, start, bias_start - num_full, (mask_head, row_tile),
                                    num_full, count)
         if late:
-          refill()
+          refill()  # with overlap, after the whole row (its steps are not broken out one by one)
       else:
         pl.when(wg == 1)(take_turn)  # consumer 0 goes first
         body = functools.partial(step, q_smem=q_smem, start=start, bias_start=bias_start - num_full,
