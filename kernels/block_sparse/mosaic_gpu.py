@@ -166,6 +166,15 @@ def band_bounds(tiles: np.ndarray, tile_ids: np.ndarray) -> np.ndarray | None:
   return np.stack([lo, hi], axis=-1).astype(np.int32)[tile_ids]
 
 
+def band_mask(s, lo, hi, *, row_offset, col_offset):
+  """In a kernel: s [rows, cols] (wgmma layout) kept where lo <= (column + col_offset) - (row + row_offset) <= hi,
+  else -inf; the offsets place the block within its mask tile, so (lo, hi) are `band_bounds` on key - query (or,
+  for S^T, their negation swapped)."""
+  iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
+  diagonal = (iota(1) + col_offset) - (iota(0) + row_offset)
+  return jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Everything the kernel specialises on."""
@@ -222,11 +231,8 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
 
     def mask_logits(s, j, bounds, bias_start):
       """S of a partial tile with its element mask: -inf where the band bounds exclude, or the loaded bias."""
-      if static.band:
-        lo, hi = bounds
-        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
-        diagonal = iota(1) - iota(0) - wg * bq  # key - query within the 128 x bk mask tile
-        return jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
+      if static.band:  # rows: queries wg * 64 + i of the 128 x bk mask tile; columns: its keys
+        return band_mask(s, *bounds, row_offset=wg * bq, col_offset=0)
       bias_slot = lax.rem(bias_start + j, jnp.int32(bias_stages))
       plgpu.barrier_wait(bias_ready.at[bias_slot * _CONSUMERS + wg])
       s = s + plgpu.load(bias_smem.at[bias_slot, wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)

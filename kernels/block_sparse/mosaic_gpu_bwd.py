@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.block_sparse import schedule
+from kernels.block_sparse.mosaic_gpu import band_mask
 # The flash backward's shared-memory layout, vector loads and register-operand staging are this file's too.
 from kernels.flash_attention.mosaic_gpu_bwd import _col_vector, _lhs, _row_vector, _tile_smem
 
@@ -96,12 +97,12 @@ class _Static:
     return MASK_BLOCK_K // self.key_step
 
 
-def _band(s, lo, hi, row_offset, col_offset):
-  """s [rows, cols] (wgmma layout) kept where lo <= (column + col_offset) - (row + row_offset) <= hi, else -inf;
-  the offsets place the block within its 128 x 128 mask tile."""
-  iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, s.shape, layout=plgpu.Layout.WGMMA)
-  diagonal = (iota(1) + col_offset) - (iota(0) + row_offset)
-  return jnp.where((diagonal >= lo) & (diagonal <= hi), s, -jnp.inf)
+def _fetch_bias(mask_ref, tile, part, rows: int, cols: int, bias_smem, bias_bar, slot):
+  """Producer: each compute warpgroup's [rows, cols] block of partial tile `tile`'s bias (the `part`-th block of
+  columns; warpgroup w's rows from w * rows) into ring slot `slot`, arriving on bias_bar[slot * _WGS + w]."""
+  for w in range(_WGS):
+    plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(w * rows, rows), pl.ds(part * cols, cols)],
+                            bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
 
 
 def _bias(ref):
@@ -163,7 +164,7 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
           plgpu.wgmma(dp_ref, my_do, v_tile.transpose((1, 0)))
           s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP still runs under the exponentials
           if masked and st.band:  # rows: queries wg * 64 + i; columns: keys part * bk + j
-            s = _band(s, lo, hi, row_offset=wg * bq, col_offset=part * bk)
+            s = band_mask(s, lo, hi, row_offset=wg * bq, col_offset=part * bk)
           elif masked:
             plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
             s = s + _bias(bias_smem.at[slot, wg])
@@ -215,10 +216,7 @@ def _dq_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref,
         if not st.band:
           @pl.when(n >= num_full)
           def _():
-            tile = tile_ids_ref[mask_head, row_tile, entry]
-            for w in range(_WGS):
-              plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(w * bq, bq), pl.ds(part * bk, bk)],
-                                      bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+            _fetch_bias(mask_ref, tile_ids_ref[mask_head, row_tile, entry], part, bq, bk, bias_smem, bias_bar, slot)
 
       return start + count
 
@@ -279,7 +277,7 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
         if masked and st.band:
           # Rows: keys wg * 64 + i; columns: queries part * 64 + j. key - query = -(column - row) here, so the
           # bounds flip: lo <= key - query <= hi  <=>  -hi <= (j + part * 64) - (i + wg * 64) <= -lo.
-          s_t = _band(s_t, -hi, -lo, row_offset=wg * bk, col_offset=part * bq)
+          s_t = band_mask(s_t, -hi, -lo, row_offset=wg * bk, col_offset=part * bq)
         elif masked:
           plgpu.barrier_wait(bias_bar.at[slot * _WGS + wg])
           s_t = s_t + _bias(bias_smem.at[slot, wg])
@@ -358,10 +356,8 @@ def _dkv_kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref
           if not st.band:
             @pl.when(n >= num_full)
             def _():
-              tile = tile_ids_ref[mask_head, key_tile, entry]
-              for w in range(_WGS):
-                plgpu.copy_gmem_to_smem(mask_ref.at[tile, pl.ds(w * bk, bk), pl.ds(part * bq, bq)],
-                                        bias_smem.at[slot, w], bias_bar.at[slot * _WGS + w])
+              _fetch_bias(mask_ref, tile_ids_ref[mask_head, key_tile, entry], part, bk, bq, bias_smem, bias_bar,
+                          slot)
           return index + 1
 
         return lax.fori_loop(0, count, fetch, index)
