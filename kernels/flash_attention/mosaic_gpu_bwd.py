@@ -99,16 +99,18 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int) -> "BlockSizes":
-    """Defaults per head dim (3-deep rings: ~160 KiB of SMEM at D = 128). At D = 128 the sweeps on an H200
+    """Defaults per head dim. At D = 128 the sweeps on an H200
     (experiments/bench/flash_attention.py --mosaic_bwd_configs; benchmarks/results/flash_attention_mosaic_bwd_*.md)
     put 64:64:64:128 with 3/2 stages within run-to-run spread of these (non-causal 465 vs 462 TFLOP/s at 8K) and
     every other tiling tried below them. await_dv with 240 compute registers adds 1-2% at D = 128 and, with a
     2-deep dq ring, 3% at D = 64 (T = 8K, causal or not; flash_attention_overlap.md,
     flash_attention_d64_configs.md); one launch for both kernels adds 3-5% at D = 64 and up to 1.5% at D = 128
-    (flash_attention_mosaic_fused_bwd{,_d64}.md)."""
+    (flash_attention_mosaic_fused_bwd{,_d64}.md). With all of these, a 4-deep (Q, dO) ring for the dk/dv kernel
+    (~195 KiB) adds 4-5% non-causal and about 1% causal at D = 128 (T = 8K/16K, two runs,
+    flash_attention_mosaic_bwd_stages{,_2}.md); at D = 64 it was 1-4% slower, so D = 64 keeps 3."""
     if head_dim <= 64:
       return cls(block_k_dq=128, num_stages_dq=2, await_dv=True, compute_registers=240, fused_launch=True)
-    return cls(await_dv=True, compute_registers=240, fused_launch=True)
+    return cls(num_stages_dkv=4, await_dv=True, compute_registers=240, fused_launch=True)
 
   @property
   def rows_q(self) -> int:
