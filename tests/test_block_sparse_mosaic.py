@@ -81,31 +81,6 @@ def test_interpret_matches_reference(t, s, h, hkv, d, block_k, make_mask, config
     assert not np.asarray(o[0, 130:150, 1], np.float32).any()
 
 
-def _whole_tiles(t, s, block_k):
-  """Two shared whole-tile patterns (no partial tile) with rows of uneven length; in the second, query tile 1
-  visits nothing."""
-  tiles = np.random.default_rng(2).random((2, t // 128, s // block_k)) < 0.5
-  tiles[1, 1] = False
-  dense = np.repeat(np.repeat(tiles, 128, axis=1), block_k, axis=2)
-  return [from_dense(head, block_q=128, block_k=block_k) for head in dense]
-
-
-def test_interpret_overlap_on_whole_tiles():
-  """Config.overlap on a mask without partial tiles runs each row as one unmasked loop (two loops make ptxas
-  serialise its wgmmas): several rows per CTA, a row with an empty list, GQA 2; the forward against the
-  reference."""
-  t, s = 384, 512
-  mask = stack_heads(_whole_tiles(t, s, 128))
-  assert mask.tiles.size == 0 and (np.asarray(mask.lists.count) == 0).any()
-  q, k, v, _ = inputs(1, t, s, 2, 1, 64, jnp.bfloat16)
-  lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
-  bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
-  o, _ = block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.125, per_head_mask=True,
-                                     config=block_sparse_mosaic.Config(overlap=True, num_ctas=2), interpret=True)
-  assert_close(o, block_sparse_reference(q, k, v, mask, sm_scale=0.125), 1e-2, "o")
-  assert not np.asarray(o[0, 128:256, 1], np.float32).any()  # the row with nothing to visit
-
-
 def test_persistent_schedules_share_uneven_rows_between_ctas():
   """The schedules the persistent kernels get on 2 CTAs (test_interpret_matches_reference runs them): forward/dq
   items of uneven length (a global row, rows with nothing to attend), several per CTA, and dk/dv items likewise."""
@@ -194,20 +169,6 @@ def test_lowers_for_cuda(d, block_k, config):
   k = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
   f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False,
                                                           config=config, bands=bands))
-  assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def test_overlap_on_whole_tiles_lowers_for_cuda():
-  t = 1024
-  mask = bigbird(t, block_size=128, num_random_blocks=3, causal=False)
-  assert mask.tiles.size == 0
-  lists = tuple(jnp.asarray(x, jnp.int32) for x in mask.lists)
-  bias = block_sparse_mosaic.bias_tiles(jnp.asarray(mask.tiles, jnp.int8), jnp.bfloat16)
-  q = jax.ShapeDtypeStruct((1, t, 4, 128), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
-  config = block_sparse_mosaic.Config(num_ctas=132, overlap=True)
-  f = jax.jit(lambda q, k, v: block_sparse_mosaic.forward(q, k, v, lists, bias, sm_scale=0.1, per_head_mask=False,
-                                                          config=config))
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -343,19 +304,6 @@ def test_gpu_head_dim_64_and_fp16(dtype):
   from kernels.block_sparse import api
   assert api._auto_impl(q, mask, None, None, None) == "mosaic"  # on an H100/H200
   compare(q, k, v, do, mask, block_sizes=None, impl="auto")
-
-
-@pytest.mark.gpu
-def test_gpu_overlap_on_whole_tiles_matches_reference():
-  """Config.overlap's one-loop rows (no partial tiles): BigBird on 128-token blocks, and whole-tile patterns with an
-  empty row, several rows per CTA."""
-  t = 1024
-  q, k, v, do = inputs(2, t, t, 8, 2, 128, jnp.bfloat16)
-  for mask in (bigbird(t, block_size=128, num_random_blocks=3, causal=False),
-               stack_heads(_whole_tiles(t, t, 128) * 4)):
-    assert mask.tiles.size == 0
-    compare(q, k, v, do, mask, block_sizes=None, impl="mosaic",
-            mosaic_config=block_sparse_mosaic.Config(num_ctas=20, overlap=True))
 
 
 @pytest.mark.gpu

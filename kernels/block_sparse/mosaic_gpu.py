@@ -78,8 +78,12 @@ class Config:
   late_q_prefetch: bool = False
   # FA3's intra-warpgroup pipelining, as the dense flash forward's Config.overlap: step j issues S_j = Q K_j^T
   # with O += P_{j-1} V_{j-1} and runs softmax(S_j) while the P V product is on the tensor cores; the consumers
-  # pass a token to take turns issuing. The dense flash it is compared against gains about 5% from it at
-  # D = 128 without masks. (Not yet measured here, hence off.)
+  # pass a token to take turns issuing. The dense flash gains about 5% from it at D = 128 without masks, but here
+  # it was 20-45% slower forward on an H200 (all four patterns at 8K-32K except window 256: within 0-17%;
+  # benchmarks/results/block_sparse_mosaic_overlap.md), so off; kept as a sweep option. ptxas serialises its
+  # wgmmas (C7513) while a row runs two loops (full tiles, then masked), even both unmasked; one unmasked loop
+  # clears that, yet on BigBird (no partial tiles) such a kernel was still 30-42% slower
+  # (block_sparse_mosaic_overlap_whole_tiles.md, commit d1a7442), so that variant was not kept.
   overlap: bool = False
   num_ctas: int | None = None  # CTAs of the persistent grid; default the GPU's SM count (4 in interpret mode)
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
@@ -189,10 +193,6 @@ class _Static:
   batch: int  # B: a work item is (head * rows + row_tile) * B + batch
   num_rows: int  # mask rows (query tiles of 128)
   band: bool  # partial tiles masked from per-entry (lo, hi) bounds instead of a loaded bias
-  # The mask has no partial tile (e.g. BigBird on whole tiles): every step runs unmasked. With Config.overlap the
-  # row is then one loop; two (full, then masked) make ptxas serialise the overlapped wgmmas (C7513, checked on an
-  # H200 with MOSAIC_GPU_DUMP_PTXAS=1: gone with one unmasked loop, there with two even when both are unmasked).
-  full_tiles_only: bool = False
 
 
 def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, count_ref, mask_ref, q_ref, k_ref,
@@ -342,9 +342,6 @@ def _kernel(items_ref, num_items_ref, blocks_ref, tile_ids_ref, num_full_ref, co
         return acc, m, l
 
       def row(carry):
-        if static.full_tiles_only:
-          carry = first_step(carry, masked=False)
-          return last_product(lax.fori_loop(1, count, functools.partial(overlapped_step, masked=False), carry))
         carry = lax.cond(num_full > 0, functools.partial(first_step, masked=False),
                          functools.partial(first_step, masked=True), carry)
         first_masked = jnp.maximum(num_full, 1)
@@ -509,8 +506,7 @@ def forward(q, k, v, lists, bias, *, sm_scale: float, per_head_mask: bool, confi
     work = work_schedule(np.asarray(lists[3]), h, b, config, bool(interpret))
   items, num_items = (jnp.asarray(x, jnp.int32) for x in work)
   static = _Static(config=config, scale=sm_scale * LOG2_E, group=h // hkv, per_head_mask=per_head_mask,
-                   block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows, band=band,
-                   full_tiles_only=bias.shape[0] == 0)
+                   block_k=block_k, dtype=q.dtype, interpret=bool(interpret), batch=b, num_rows=num_rows, band=band)
   stages, bias_stages, q_buffers = config.num_stages, config.resolved_bias_stages, config.resolved_q_buffers
   bias_scratch = (
       plgpu.SMEM((bias_stages, _CONSUMERS, _ROWS, block_k), q.dtype, transforms=_TRANSFORMS),  # bias rows
