@@ -172,9 +172,10 @@ def test_lowers_for_cuda(d, block_k, config):
   assert "mosaic_gpu" in f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("d,band", [(64, False), (128, False), (128, True)])
-def test_backward_lowers_for_cuda(d, band):
-  """The Mosaic GPU lowering of both backward kernels (layouts, shared memory) runs without a GPU."""
+@pytest.mark.parametrize("d,band,stages_dkv", [(64, False, 3), (128, False, 3), (128, True, 3), (128, True, 4)])
+def test_backward_lowers_for_cuda(d, band, stages_dkv):
+  """The Mosaic GPU lowering of both backward kernels (layouts, shared memory) runs without a GPU; a 4-deep dk/dv
+  ring fits at D = 128 without the bias ring."""
   t, h, hkv = 1024, 4, 2
   if band:  # windows only: the partial tiles masked from bounds
     mask = stack_heads([local(t, 300), local(t, 200), local(t, 100), local(t, 500)])
@@ -189,7 +190,8 @@ def test_backward_lowers_for_cuda(d, band):
   lse = jax.ShapeDtypeStruct((1, h, t), jnp.float32)
   work = block_sparse_mosaic_bwd.work_schedules(mask.lists, mask.transposed_lists, h, hkv, 1, num_ctas=132)
   f = jax.jit(lambda q, k, v, o, lse, do: block_sparse_mosaic_bwd.backward(
-      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True, work=work, bands=bands))
+      q, k, v, o, lse, do, lists, transposed, bias, sm_scale=0.1, per_head_mask=True, work=work, bands=bands,
+      config=block_sparse_mosaic_bwd.Config(num_stages_dkv=stages_dkv)))
   text = f.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @mosaic_gpu") == 2  # the dq and dk/dv kernels
 
@@ -262,6 +264,15 @@ def test_unsupported_problems_name_the_argument():
     block_sparse_mosaic.Config(backward="triton")
   with pytest.raises(ValueError, match="num_stages_dkv"):
     block_sparse_mosaic_bwd.Config(num_stages_dkv=1)
+  with pytest.raises(ValueError, match="backward_config"):
+    block_sparse_mosaic.Config(backward="pallas", backward_config=block_sparse_mosaic_bwd.Config())
+  # A 4-deep dk/dv ring with the bias ring at D = 128 (258 KiB), named before any kernel is built.
+  q, k, v = inputs(1, 256, 256, 1, 1, 128, jnp.bfloat16)[:3]
+  deep_ring = block_sparse_mosaic.Config(backward_config=block_sparse_mosaic_bwd.Config(num_stages_dkv=4))
+  loss = lambda q: block_sparse_attention(q, k, v, local(256, 64), impl="mosaic", mosaic_config=deep_ring).sum()
+  with pytest.raises(ValueError, match="num_stages_dkv=4 needs 264192 bytes of shared memory at D = 128 with the "
+                                       "bias ring"):
+    jax.eval_shape(jax.grad(loss), q)
 
 
 GPU_MASKS = {
@@ -285,9 +296,11 @@ def test_gpu_matches_reference(mask_name):
 @pytest.mark.parametrize("config", [
     block_sparse_mosaic.Config(band_masks=True, q_buffers=2),
     block_sparse_mosaic.Config(band_masks=True, overlap=True),
-    block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1, num_ctas=20)])
+    block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1, num_ctas=20),
+    block_sparse_mosaic.Config(band_masks=True, backward_config=block_sparse_mosaic_bwd.Config(num_stages_dkv=4))])
 def test_gpu_band_masks_match_reference(config):
-  """Window masks from band bounds in the kernel (no bias ring), with a second Q buffer or a third K/V stage."""
+  """Window masks from band bounds in the kernel (no bias ring), with a second Q buffer or a third K/V stage, or a
+  4-deep dk/dv ring in the backward."""
   t, s = 1024, 1280
   q, k, v, do = inputs(2, t, s, 8, 2, 128, jnp.bfloat16)
   for mask in (local(t, 256, s), local(t, (200, 100), s, causal=False)):

@@ -29,6 +29,7 @@ from experiments.bench import timing  # noqa: E402
 from experiments.bench.timing import environment, median_ms, write_results  # noqa: E402
 from kernels.block_sparse import bigbird, block_sparse_attention, local  # noqa: E402
 from kernels.block_sparse import mosaic_gpu as block_sparse_mosaic  # noqa: E402
+from kernels.block_sparse import mosaic_gpu_bwd as block_sparse_mosaic_bwd  # noqa: E402
 from kernels.block_sparse.mask import bigbird_block_layout  # noqa: E402
 from kernels.flash_attention import flash_attention, pallas_gpu  # noqa: E402
 
@@ -43,7 +44,8 @@ _IMPLS = flags.DEFINE_list(
     "row with impl='mosaic' to compare against), mosaic-qbuf1 (its forward with one Q buffer and a 2-deep mask "
     "ring), mosaic-lateq (the next row's Q loaded after a row's first step), mosaic-overlap (S_j issued with "
     "P_{j-1} V_{j-1}, softmax under the P V product), mosaic-band / mosaic-band3 (window "
-    "masks computed in the kernels, with two Q buffers / one Q buffer and three K/V stages), mosaic-grid (one CTA "
+    "masks computed in the kernels, with two Q buffers / one Q buffer and three K/V stages), mosaic-band-bwd4 "
+    "(mosaic-band with a 4-deep dk/dv ring in the backward, which fits without the bias ring), mosaic-grid (one CTA "
     "per row or key tile instead of persistent kernels), cudnn, flex.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
 _BACK_TO_BACK = timing.define_back_to_back_flag()
@@ -57,12 +59,14 @@ _B, _H, _D = 1, 16, 128
 # after this row's O has left) and two slots for partial tiles' masks, the next row's Q loaded after a row's first
 # step (late_q_prefetch) rather than at its start, FA3's intra-warpgroup pipelining (overlap), window masks from
 # band bounds in the kernels with two Q buffers, or with one and three K/V stages (BigBird's tiles are all full: no
-# masks to load either way), and one CTA per row or key tile.
+# masks to load either way), the band-mask kernels with a 4-deep dk/dv ring, and one CTA per row or key tile.
 _MOSAIC_KERNELS = {"mosaic": None, "mosaic-qbuf1": block_sparse_mosaic.Config(q_buffers=1),
                    "mosaic-lateq": block_sparse_mosaic.Config(late_q_prefetch=True),
                    "mosaic-overlap": block_sparse_mosaic.Config(overlap=True),
                    "mosaic-band": block_sparse_mosaic.Config(band_masks=True),
                    "mosaic-band3": block_sparse_mosaic.Config(band_masks=True, num_stages=3, q_buffers=1),
+                   "mosaic-band-bwd4": block_sparse_mosaic.Config(
+                       band_masks=True, backward_config=block_sparse_mosaic_bwd.Config(num_stages_dkv=4)),
                    "mosaic-grid": block_sparse_mosaic.Config(persistent=False)}
 _BIGBIRD = dict(block_size=128, num_sliding_blocks=3, num_global_blocks=1, num_random_blocks=3, seed=0, causal=False)
 
@@ -219,7 +223,8 @@ def _table(rows):
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
            "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-qbuf1: one Q buffer, two "
            "mask slots; -lateq: next Q after a row's first step; -overlap: FA3 intra-warpgroup pipelining; -band / "
-           "-band3: masks from band bounds, two Q buffers / one and three stages; -grid: one CTA per row or key tile "
+           "-band3: masks from band bounds, two Q buffers / one and three stages; -band-bwd4: -band with a 4-deep dk/dv "
+           "ring; -grid: one CTA per row or key tile "
            "instead of persistent kernels)", "",
            "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",

@@ -217,8 +217,8 @@ def _mosaic_bwd(static, blocks, config, interpret, mosaic_backward, residuals, d
   if mosaic_backward:
     dq, dk, dv = mosaic_gpu_bwd.backward(q, k, v, o, lse, do, lists, transposed_lists,
                                          mosaic_gpu.bias_tiles(tiles, q.dtype), sm_scale=static.sm_scale,
-                                         per_head_mask=static.per_head_mask, interpret=interpret,
-                                         work=backward_work, bands=bands)
+                                         per_head_mask=static.per_head_mask, config=config.backward_config,
+                                         interpret=interpret, work=backward_work, bands=bands)
   else:
     lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
     dq, dk, dv = pallas_gpu.backward(q, k, v, o, lse, do, lengths, lists, transposed_lists, tiles, static=static,

@@ -20,6 +20,7 @@ pallas_gpu.backward) takes this forward's o and natural-log lse.
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +90,17 @@ class Config:
   # "mosaic": the Mosaic GPU backward (kernels/block_sparse/mosaic_gpu_bwd.py) where it takes the problem (mask
   # tiles 128 x 128), else the Triton one; "pallas": always the Triton one.
   backward: str = "mosaic"
+  # The Mosaic backward's ring depths, a `mosaic_gpu_bwd.Config` (None: its defaults), e.g. a 4-deep dk/dv ring,
+  # which fits at D = 128 only with band_masks (no bias ring). A sweep option: not yet measured.
+  # (Typed loosely: mosaic_gpu_bwd imports this module.)
+  backward_config: Any = None
 
   def __post_init__(self):
     if self.backward not in ("mosaic", "pallas"):
       raise ValueError(f"backward={self.backward!r} is not valid; choose 'mosaic' or 'pallas'")
+    if self.backward_config is not None and self.backward != "mosaic":
+      raise ValueError(f"backward_config={self.backward_config!r} configures the Mosaic backward; it needs "
+                       f"backward='mosaic', not {self.backward!r}")
     if self.num_stages < 2:
       raise ValueError(f"num_stages={self.num_stages} must be at least 2 to overlap copies with compute")
     if self.num_ctas is not None and self.num_ctas < 1:

@@ -41,6 +41,7 @@ MASK_BLOCK_K = _WGS * _ROWS  # the dk/dv CTA: one mask key tile, split between t
 HEAD_DIMS = (64, 128)
 # FA3's register split (the flash backward's default): 2 * 240 + 24 = 3 * 168, the CTA's launch allocation.
 _COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 240, 24
+_SHARED_MEMORY_BYTES = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,17 @@ class Config:
     for name in ("num_stages_dq", "num_stages_dkv"):
       if getattr(self, name) < 2:
         raise ValueError(f"{name}={getattr(self, name)} must be at least 2 to overlap copies with compute")
+
+  def shared_memory_bytes(self, head_dim: int, itemsize: int, band: bool, key_step: int) -> dict[str, int]:
+    """Per kernel ("num_stages_dq", "num_stages_dkv": the setting that sizes it), its scratch in `backward`:
+    the fixed tiles of the CTA's rows, then a ring slot's tiles (and partial tiles' masks unless they are bands)
+    per stage. Without the bias ring a 4-deep dk/dv ring fits at D = 128 (194 KiB); with it, it does not."""
+    rows = _WGS * _ROWS
+    dq_slot = 2 * key_step * head_dim * itemsize + (0 if band else rows * key_step * itemsize)
+    dq = 2 * rows * head_dim * itemsize + 2 * rows * 4 + self.num_stages_dq * dq_slot
+    dkv_slot = 2 * _ROWS * head_dim * itemsize + 2 * _ROWS * 4 + (0 if band else rows * _ROWS * itemsize)
+    dkv = 2 * rows * head_dim * itemsize + self.num_stages_dkv * dkv_slot
+    return {"num_stages_dq": dq, "num_stages_dkv": dkv}
 
 
 def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths) -> list[str]:
@@ -420,12 +432,17 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
     raise ValueError(f"mosaic_gpu_bwd.backward does not support {', '.join(reasons)}")
   if t % MASK_BLOCK_Q or s % MASK_BLOCK_K:
     raise ValueError(f"T={t} and S={s} must be multiples of {MASK_BLOCK_Q}")
+  key_step = 128 if d <= 64 else 64  # at D = 128, S and dP of 128 keys next to dQ would not fit the registers
+  for name, size in config.shared_memory_bytes(d, q.dtype.itemsize, bands is not None, key_step).items():
+    if size > _SHARED_MEMORY_BYTES:
+      raise ValueError(f"{name}={getattr(config, name)} needs {size} bytes of shared memory at D = {d} "
+                       f"{'with band masks' if bands is not None else 'with the bias ring'} (limit "
+                       f"{_SHARED_MEMORY_BYTES}); lower it")
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # Base 2 for the kernels; +inf on rows that attend nothing makes their probabilities exactly 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E).astype(jnp.float32)
-  # 128 keys a step at D = 64; at D = 128, S and dP of 128 keys next to dQ would not fit the registers.
   st = _Static(sm_scale=sm_scale, group=h // hkv, per_head_mask=per_head_mask, head_dim=d,
-               key_step=128 if d <= 64 else 64, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret,
+               key_step=key_step, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret,
                batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K, band=bands is not None)
   band = st.band
   if work is None:
