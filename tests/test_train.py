@@ -23,6 +23,7 @@ from experiments import train
 from experiments.checkpoint import Checkpointer
 from experiments.configs import listops_small
 from experiments.metrics import read_metrics
+from experiments.tasks import build_task
 from experiments.trainer import NonFiniteLossError, eval_step, train_and_evaluate, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,19 +195,21 @@ def test_bad_flags_exit_with_a_clear_message(args, message, tmp_path, cache_dir)
   assert "Traceback" not in result.stderr
 
 
-SHARDED_RUN = """
+# One process of a distributed run: the training command line (its flags parsed as `python -m experiments.train`
+# parses them; main joins the processes with jax.distributed), then how a batch splits over this process's devices.
+DISTRIBUTED_RUN = """
 import json, sys
 import jax
+from experiments import train
 from experiments.data import make_mesh, shard_batch, eval_batches
 from experiments.tasks import build_task
-from experiments.trainer import train_and_evaluate
-from tests.test_train import tiny_config
 
-config = tiny_config(sys.argv[1], num_steps=2)
+train.define_flags()
+train.main(train._parse_flags(sys.argv))
+config = train.FLAGS.config
 batch = shard_batch(next(eval_batches(build_task(config.task, config.cache_dir).splits["train"], 8)), make_mesh())
 shards = [shard.data.shape for shard in batch["inputs"].addressable_shards]
-results = train_and_evaluate(config, sys.argv[2])
-print(json.dumps({"devices": jax.device_count(), "shards": shards, "results": results}))
+print(json.dumps({"devices": jax.device_count(), "local_devices": jax.local_device_count(), "shards": shards}))
 """
 
 
@@ -218,30 +221,41 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_data_parallel_runs_match_one_device(tmp_path, cache_dir):
-  """Two forced host devices in one process, and two processes joined by jax.distributed, train like one device."""
-  single = train_and_evaluate(tiny_config(cache_dir, num_steps=2), tmp_path / "one")
-
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(cache_dir), str(tmp_path / "two")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert report["devices"] == 2 and report["shards"] == [[4, 16], [4, 16]]
-
+  """Two processes joined by jax.distributed, each with two forced host devices, train like one device."""
+  config = tiny_config(cache_dir, num_steps=2)
+  # Built before the processes start, so that they only read it.
+  build_task(config.task, config.cache_dir)
+  # One pair of processes checks both the devices of one process and the processes of a run: each is mostly a jax
+  # import and compiles, so a separate two-device process and a pair of one-device ones took twice as long.
+  # The suite's own XLA flags (tests/conftest.py: fast CPU compiles) with two devices per process.
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
   args = [*tiny_cli_args(tmp_path / "hosts", num_steps=2), f"--config.cache_dir={cache_dir}",
           f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  hosts = [subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"--process_id={i}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  errors = [host.communicate(timeout=300)[1] for host in hosts]
-  assert [host.returncode for host in hosts] == [0, 0], errors[0][-3000:]
+  # Output to files: a process blocked on a full pipe would stall the other in a collective.
+  logs = [tmp_path / f"host{i}.log" for i in range(2)]
+  hosts = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, "w") as out:
+        hosts.append(subprocess.Popen([sys.executable, "-c", DISTRIBUTED_RUN, *args, f"--process_id={i}"],
+                                      cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    # The one-device run meanwhile, in this process.
+    single = train_and_evaluate(config, tmp_path / "one")
+    for host in hosts:
+      host.wait(timeout=300)
+  finally:
+    for host in hosts:
+      host.kill()  # a failure above must not leave them running; once they have exited, nothing happens
+  assert [host.returncode for host in hosts] == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+  reports = [json.loads(log.read_text().strip().splitlines()[-1]) for log in logs]
+  # Every process holds half of each batch of 8, split again over its two devices.
+  assert reports == [{"devices": 4, "local_devices": 2, "shards": [[2, 16], [2, 16]]}] * 2
   resolved = json.loads((tmp_path / "hosts" / "config.json").read_text())
-  assert len(resolved["devices"]) == 2
+  assert len(resolved["devices"]) == 4
   distributed = json.loads((tmp_path / "hosts" / "results.json").read_text())
-
   for split in ("valid", "test"):
-    for run in (report["results"], distributed):
-      np.testing.assert_allclose(run[split]["loss"], single[split]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(distributed[split]["loss"], single[split]["loss"], rtol=1e-4)
 
 
 def test_compressive_reconstruction_loss_trains_the_compressor():
