@@ -47,6 +47,9 @@ _IMPLS = flags.DEFINE_list(
     "masks computed in the kernels, with two Q buffers / one Q buffer and three K/V stages), mosaic-band-bwd4 "
     "(mosaic-band with a 4-deep dk/dv ring in the backward, which fits without the bias ring), mosaic-grid (one CTA "
     "per row or key tile instead of persistent kernels), cudnn, flex.")
+_BATCH = flags.DEFINE_integer(
+    "batch", 1, "B, the batch size (H = 16, D = 128). Runs at B = 1, 2, 4 split a call's fixed cost (launch, the "
+    "first ring fills, the last wave) from the per-row cost that grows with B.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed samples per measurement (median reported).")
 _BACK_TO_BACK = timing.define_back_to_back_flag()
 _TILE = flags.DEFINE_integer("mask_tile", 128, "The BlockMask's tile (block_q = block_k), a power of two >= 16.")
@@ -54,7 +57,7 @@ _BLOCKS = flags.DEFINE_list(
     "blocks", [], "Overrides of our kernels' tiles and launch parameters, field=value each (fields of "
     "kernels.flash_attention.pallas_gpu.BlockSizes, e.g. block_q=64,num_warps=4), applied to the defaults for D; "
     "tiles are still capped at the mask tile. Dense flash keeps its defaults.")
-_B, _H, _D = 1, 16, 128
+_H, _D = 16, 128
 # impl='mosaic' kernels by name: the default config, the forward with one Q buffer (the next row's Q loads only
 # after this row's O has left) and two slots for partial tiles' masks, the next row's Q loaded after a row's first
 # step (late_q_prefetch) rather than at its start, FA3's intra-warpgroup pipelining (overlap), window masks from
@@ -98,7 +101,7 @@ def _input_sets(t, count=2):
   sets = []
   for seed in range(count):
     keys = jax.random.split(jax.random.key(seed), 4)
-    sets.append(tuple(jax.random.normal(key, (_B, t, _H, _D), jnp.bfloat16) for key in keys))
+    sets.append(tuple(jax.random.normal(key, (_BATCH.value, t, _H, _D), jnp.bfloat16) for key in keys))
   return sets
 
 
@@ -141,7 +144,7 @@ def _measure_flex(flex, pattern, t, iters):
     size = _BIGBIRD["block_size"]
     mask_mod = lambda b, h, q, k: layout[q // size, k // size]
   block_mask = create_block_mask(mask_mod, None, None, t, t, device="cuda")
-  sets = [tuple(torch.randn(_B, _H, t, _D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
+  sets = [tuple(torch.randn(_BATCH.value, _H, t, _D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
                 for i in range(4)) for _ in range(2)]
 
   def fwd(q, k, v, do):
@@ -157,7 +160,7 @@ def _measure_flex(flex, pattern, t, iters):
 
 def _row(rows, env, name, pattern, t, flops, block_flops, measure):
   """Measures one row, appends it and rewrites the results, so a run cut short keeps every finished row."""
-  row = dict(impl=name, pattern=pattern, T=t, B=_B, H=_H, D=_D)
+  row = dict(impl=name, pattern=pattern, T=t, B=_BATCH.value, H=_H, D=_D)
   try:
     fwd_ms, fwd_bwd_ms = measure()
     row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, fwd_tflops=flops / fwd_ms / 1e9,
@@ -182,7 +185,8 @@ def main(argv):
   rows, pattern_flops = [], {}
   for t in map(int, _SEQ_LENS.value):
     inputs = _input_sets(t)
-    dense_flops = 4 * _B * _H * t * t * _D
+    per_pair = 4 * _BATCH.value * _H * _D  # FLOPs of one attended (query, key) pair over the batch and heads
+    dense_flops = per_pair * t * t
     for causal in (False, True):
       name = "flash-causal" if causal else "flash-dense"
       _row(rows, env, name, "dense", t, dense_flops * (0.5 if causal else 1.0), None, lambda: _measure_jax(
@@ -194,8 +198,8 @@ def main(argv):
       start = time.perf_counter()
       mask = _mask(pattern, t)
       print(f"{pattern} T={t}: {mask} built in {time.perf_counter() - start:.1f}s", flush=True)
-      flops = pattern_flops[pattern, t] = 4 * _B * _H * _D * mask.attended_pairs() // mask.num_heads
-      block_flops = 4 * _B * _H * _D * mask.nonempty_blocks() * mask.block_q * mask.block_k // mask.num_heads
+      flops = pattern_flops[pattern, t] = per_pair * mask.attended_pairs() // mask.num_heads
+      block_flops = per_pair * mask.nonempty_blocks() * mask.block_q * mask.block_k // mask.num_heads
       if "ours" in _IMPLS.value:
         _row(rows, env, "ours", pattern, t, flops, block_flops, lambda: _measure_jax(
             lambda q, k, v: block_sparse_attention(q, k, v, mask, impl="pallas", block_sizes=blocks), inputs,
@@ -218,13 +222,14 @@ def main(argv):
 
 def _table(rows):
   overrides = f", our kernel tiles with {', '.join(_BLOCKS.value)}" if _BLOCKS.value else ""
-  lines = [f"bf16, B={_B}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / fwd+bwd "
+  lines = [f"bf16, B={_BATCH.value}, H={_H}, D={_D}, mask tiles {_TILE.value}x{_TILE.value}{overrides}. ms fwd / "
+           "fwd+bwd "
            f"({timing.describe_timing(_ITERS.value, _BACK_TO_BACK.value)}); ours: "
            "TFLOP/s on attended pairs and on non-empty tiles, and tile TFLOP/s over the same lowering's dense flash "
            "(bar: >= 0.8); kernel ours = impl='pallas' (Triton), mosaic* = impl='mosaic' (-qbuf1: one Q buffer, two "
            "mask slots; -lateq: next Q after a row's first step; -overlap: FA3 intra-warpgroup pipelining; -band / "
-           "-band3: masks from band bounds, two Q buffers / one and three stages; -band-bwd4: -band with a 4-deep dk/dv "
-           "ring; -grid: one CTA per row or key tile "
+           "-band3: masks from band bounds, two Q buffers / one and three stages; -band-bwd4: -band with a 4-deep "
+           "dk/dv ring; -grid: one CTA per row or key tile "
            "instead of persistent kernels)", "",
            "| T | pattern | kernel | ms | TFLOP/s (pairs) | TFLOP/s (tiles) | tiles / dense flash | cuDNN ms "
            "| Flex ms | dense flash ms (TFLOP/s) |",
