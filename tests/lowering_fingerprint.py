@@ -9,6 +9,7 @@ exactly the same kernels, so a refactor that keeps them needs no new GPU measure
 lowered before in the process, is left out, so a line does not depend on which others ran.
 """
 
+import dataclasses
 import hashlib
 import re
 
@@ -70,7 +71,7 @@ def _cases():
              lambda q, k, v, c=causal, cfg=config: flash_fwd.forward(q, k, v, causal=c, sm_scale=0.1, config=cfg),
              (q, k, k))
     for fused in (False, True):
-      blocks = flash_bwd.BlockSizes(await_dv=True, compute_registers=240, fused_launch=fused)
+      blocks = dataclasses.replace(flash_bwd.BlockSizes.get_default(d), fused_launch=fused)
       yield (f"flash backward causal={causal} fused_launch={fused}",
              lambda q, k, v, o, lse, do, c=causal, b=blocks: flash_bwd.backward(q, k, v, o, lse, do, causal=c,
                                                                               sm_scale=0.1, blocks=b),

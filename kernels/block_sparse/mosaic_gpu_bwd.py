@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.block_sparse import schedule
-from kernels.block_sparse.mosaic_gpu import band_mask
+from kernels.block_sparse.mosaic_gpu import _SHARED_MEMORY_BYTES, band_mask
 # The flash backward's shared-memory layout, vector loads and register-operand staging are this file's too.
 from kernels.flash_attention.mosaic_gpu_bwd import _col_vector, _lhs, _row_vector, _tile_smem
 
@@ -41,7 +41,6 @@ MASK_BLOCK_K = _WGS * _ROWS  # the dk/dv CTA: one mask key tile, split between t
 HEAD_DIMS = (64, 128)
 # FA3's register split (the flash backward's default): 2 * 240 + 24 = 3 * 168, the CTA's launch allocation.
 _COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 240, 24
-_SHARED_MEMORY_BYTES = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +54,6 @@ class Config:
     for name in ("num_stages_dq", "num_stages_dkv"):
       if getattr(self, name) < 2:
         raise ValueError(f"{name}={getattr(self, name)} must be at least 2 to overlap copies with compute")
-
-  def shared_memory_bytes(self, head_dim: int, itemsize: int, band: bool, key_step: int) -> dict[str, int]:
-    """Per kernel ("num_stages_dq", "num_stages_dkv": the setting that sizes it), its scratch in `backward`:
-    the fixed tiles of the CTA's rows, then a ring slot's tiles (and partial tiles' masks unless they are bands)
-    per stage. Without the bias ring a 4-deep dk/dv ring fits at D = 128 (194 KiB); with it, it does not."""
-    rows = _WGS * _ROWS
-    dq_slot = 2 * key_step * head_dim * itemsize + (0 if band else rows * key_step * itemsize)
-    dq = 2 * rows * head_dim * itemsize + 2 * rows * 4 + self.num_stages_dq * dq_slot
-    dkv_slot = 2 * _ROWS * head_dim * itemsize + 2 * _ROWS * 4 + (0 if band else rows * _ROWS * itemsize)
-    dkv = 2 * rows * head_dim * itemsize + self.num_stages_dkv * dkv_slot
-    return {"num_stages_dq": dq, "num_stages_dkv": dkv}
 
 
 def unsupported_reasons(q, mask_block_q: int, mask_block_k: int, kv_lengths) -> list[str]:
@@ -432,19 +420,32 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
     raise ValueError(f"mosaic_gpu_bwd.backward does not support {', '.join(reasons)}")
   if t % MASK_BLOCK_Q or s % MASK_BLOCK_K:
     raise ValueError(f"T={t} and S={s} must be multiples of {MASK_BLOCK_Q}")
+  band = bands is not None
   key_step = 128 if d <= 64 else 64  # at D = 128, S and dP of 128 keys next to dQ would not fit the registers
-  for name, size in config.shared_memory_bytes(d, q.dtype.itemsize, bands is not None, key_step).items():
+  # Each kernel's shared-memory tiles: its CTA's own rows, then the ring of the setting that sizes it (with the
+  # partial tiles' masks unless they are bands). Interpret mode adds staging buffers beside them (no real limit).
+  stages, bk = config.num_stages_dq, key_step
+  dq_tiles = (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
+              plgpu.SMEM((_WGS, _ROWS), jnp.float32), plgpu.SMEM((_WGS, _ROWS), jnp.float32),
+              _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
+              *(() if band else (_tile_smem((stages, _WGS, _ROWS, bk), q.dtype),)))
+  stages = config.num_stages_dkv
+  dkv_tiles = (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
+               _tile_smem((stages, _ROWS, d), q.dtype), _tile_smem((stages, _ROWS, d), q.dtype),
+               plgpu.SMEM((stages, _ROWS), jnp.float32), plgpu.SMEM((stages, _ROWS), jnp.float32),
+               *(() if band else (_tile_smem((stages, _WGS, _ROWS, _ROWS), q.dtype),)))
+  for name, tiles in (("num_stages_dq", dq_tiles), ("num_stages_dkv", dkv_tiles)):
+    size = sum(math.prod(tile.shape) * jnp.dtype(tile.dtype).itemsize for tile in tiles)
     if size > _SHARED_MEMORY_BYTES:
       raise ValueError(f"{name}={getattr(config, name)} needs {size} bytes of shared memory at D = {d} "
-                       f"{'with band masks' if bands is not None else 'with the bias ring'} (limit "
-                       f"{_SHARED_MEMORY_BYTES}); lower it")
+                       f"{'with band masks' if band else 'with the bias ring'} (limit {_SHARED_MEMORY_BYTES}); "
+                       "lower it")
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # Base 2 for the kernels; +inf on rows that attend nothing makes their probabilities exactly 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E).astype(jnp.float32)
   st = _Static(sm_scale=sm_scale, group=h // hkv, per_head_mask=per_head_mask, head_dim=d,
                key_step=key_step, dtype=jnp.dtype(q.dtype), config=config, stage_lhs=interpret,
-               batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K, band=bands is not None)
-  band = st.band
+               batch=b, num_rows=t // MASK_BLOCK_Q, num_key_tiles=s // MASK_BLOCK_K, band=band)
   if work is None:
     work = work_schedules(lists, transposed_lists, h, hkv, b, interpret=interpret)
   dq_items, dq_lengths, dkv_items, dkv_lengths = (jnp.asarray(x, jnp.int32) for x in work)
@@ -452,16 +453,12 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
                 interpret=plgpu.InterpretGPUParams() if interpret else None)
   args = (q, k, v, do, lse2, delta)
 
-  stages, bk = config.num_stages_dq, st.key_step
+  stages = config.num_stages_dq
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, st=st),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
-           plgpu.SMEM((_WGS, _ROWS), jnp.float32), plgpu.SMEM((_WGS, _ROWS), jnp.float32),
-           _tile_smem((stages, bk, d), q.dtype), _tile_smem((stages, bk, d), q.dtype),
-           *(() if band else (_tile_smem((stages, _WGS, _ROWS, bk), q.dtype),)),
-           *((_tile_smem((_WGS, _ROWS, bk), q.dtype),) if interpret else ())),
+          (*dq_tiles, *((_tile_smem((_WGS, _ROWS, bk), q.dtype),) if interpret else ())),
           (*_barriers(4, _WGS), *_barriers(2, stages),
            *(() if band else (plgpu.Barrier(num_barriers=stages * _WGS),)),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
@@ -478,11 +475,7 @@ def backward(q, k, v, o, lse, do, lists, transposed_lists, bias, *, sm_scale: fl
       functools.partial(_dkv_kernel, st=st),
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
-          (_tile_smem((_WGS, _ROWS, d), q.dtype), _tile_smem((_WGS, _ROWS, d), q.dtype),
-           _tile_smem((stages, _ROWS, d), q.dtype), _tile_smem((stages, _ROWS, d), q.dtype),
-           plgpu.SMEM((stages, _ROWS), jnp.float32), plgpu.SMEM((stages, _ROWS), jnp.float32),
-           *(() if band else (_tile_smem((stages, _WGS, _ROWS, _ROWS), q.dtype),)),
-           *((_tile_smem((_WGS, _ROWS, _ROWS), q.dtype),) * 2 if interpret else ())),
+          (*dkv_tiles, *((_tile_smem((_WGS, _ROWS, _ROWS), q.dtype),) * 2 if interpret else ())),
           (*_barriers(2, _WGS), *_barriers(4, stages),
            *(() if band else (plgpu.Barrier(num_barriers=stages * _WGS),)),
            plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)),
