@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.block_sparse import schedule
-from kernels.flash_attention.mosaic_gpu import logits_passing_turn, pipelined_step, pv_product
+from kernels.flash_attention.mosaic_gpu import _SHARED_MEMORY_BYTES, logits_passing_turn, pipelined_step, pv_product
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -39,8 +39,6 @@ _ROWS = 64  # query rows per consumer (one wgmma M)
 MASK_BLOCK_Q = _CONSUMERS * _ROWS  # the mask's query tile: one CTA
 MASK_BLOCK_KS = (64, 128)
 HEAD_DIMS = (64, 128)
-# Hopper gives a CTA up to 227 KiB of shared memory.
-_SHARED_MEMORY_BYTES = 227 * 1024
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout TMA writes and wgmma reads without bank conflicts.
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
